@@ -1,0 +1,22 @@
+"""Test-suite setup. The kernel tests run the real Triton kernels on CPU tensors under Triton's
+interpreter, which must be switched on before triton is imported (it is read when @triton.jit runs)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    """Fresh but reproducible random inputs in every test."""
+    torch.manual_seed(0)
+    return 0
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    """Run fastlm's CPU path (the PyTorch references) instead of the interpreter: for model and
+    runtime tests, where the kernels themselves are tested elsewhere and the interpreter is slow."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
