@@ -1,0 +1,1 @@
+"""Benchmark scripts: one per subject, CSV + PNG out, ratios against a peer in the same run."""
