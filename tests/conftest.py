@@ -1,11 +1,21 @@
-"""Test-suite setup. The kernel tests run the real Triton kernels on CPU tensors under Triton's
-interpreter, which must be switched on before triton is imported (it is read when @triton.jit runs)."""
+"""Test-suite setup.
+
+Without a GPU, the kernel tests run the real Triton kernels on CPU tensors under Triton's interpreter,
+which must be switched on before triton is imported (it is read when @triton.jit runs).
+With FASTLM_TEST_DEVICE=cuda (benchmarks/gpu_check.py sets it), the interpreter stays off and tensors
+created without an explicit device land on the GPU, so the same tests exercise the compiled kernels.
+"""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+ON_CUDA = os.environ.get("FASTLM_TEST_DEVICE", "cpu") == "cuda"
+if not ON_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if ON_CUDA:
+    torch.set_default_device("cuda")
 
 
 @pytest.fixture(autouse=True)
