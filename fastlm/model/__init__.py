@@ -1,0 +1,16 @@
+"""fastlm.model: ModelConfig, the decoder Transformer (GPT-2 and Llama families), KVCache,
+HF checkpoint loading/saving and tokenizer loading. Never imports transformers."""
+from fastlm.model.cache import KVCache
+from fastlm.model.config import SUPPORTED_MODEL_TYPES, ModelConfig
+from fastlm.model.transformer import Transformer
+
+__all__ = ["ModelConfig", "Transformer", "KVCache", "load_tokenizer", "SUPPORTED_MODEL_TYPES"]
+
+
+def __getattr__(name):
+    # The tokenizer wrapper imports the `tokenizers` library; load it only when asked for.
+    if name in ("load_tokenizer", "Tokenizer"):
+        from fastlm.model import tokenizer
+
+        return getattr(tokenizer, name)
+    raise AttributeError(f"module 'fastlm.model' has no attribute {name!r}")

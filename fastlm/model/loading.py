@@ -1,0 +1,116 @@
+"""Load HF checkpoints into a Transformer, and save a Transformer back in HF format.
+
+Loading never holds two full copies of the weights: the model is built on the meta device, every
+checkpoint tensor is checked (names and shapes, from the safetensors headers) before any data is
+read, then tensors are read one at a time (memory-mapped), converted, and assigned into the model with
+`load_state_dict(assign=True)`. Any problem raises one error naming the file or tensor; a model is
+returned only when every parameter was loaded."""
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from fastlm.model.checkpoint_files import open_checkpoint
+from fastlm.model.config import ModelConfig
+from fastlm.model.weight_map import IGNORED_HF, hf_shapes, normalize_hf_name, weight_map
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype, checkpoint_dtype=None) -> torch.dtype:
+    """dtype argument -> torch dtype; None means the checkpoint's torch_dtype, else float32."""
+    if dtype is None:
+        return DTYPES.get(str(checkpoint_dtype).replace("torch.", ""), torch.float32)
+    if isinstance(dtype, str):
+        if dtype.replace("torch.", "") not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or a torch dtype, got {dtype!r}")
+        return DTYPES[dtype.replace("torch.", "")]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype!r}")
+    return dtype
+
+
+def load_pretrained(cls, path, dtype=None, device=None):
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {folder}")
+    cfg = ModelConfig.from_hf(folder)
+    dtype = resolve_dtype(dtype, cfg.torch_dtype)
+    device = torch.device("cpu" if device is None else device)
+    with torch.device("meta"):
+        model = cls(cfg)
+    entries = weight_map(cfg)
+    with open_checkpoint(folder) as ckpt:
+        names = {normalize_hf_name(cfg, n): n for n in ckpt.names}  # normalized -> name in the file
+        _check_names_and_shapes(cfg, entries, model, ckpt, names)
+        state = {}
+        for entry in entries:
+            parts = [ckpt.get(names[n], device) for n in entry.hf]
+            parts = [p.t() for p in parts] if entry.transpose else parts
+            tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            state[entry.ours] = tensor.to(dtype=dtype).contiguous()
+            del parts, tensor
+    model.load_state_dict(state, strict=False, assign=True)
+    del state
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    if model.rotary is not None:
+        model.rotary.reset(device)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:  # cannot happen when the weight map is complete; guards against returning a half-built model
+        raise ValueError(f"internal error: parameters not loaded from {folder}: {left[:5]}")
+    return model.eval()
+
+
+def _check_names_and_shapes(cfg, entries, model, ckpt, names):
+    ours = dict(model.named_parameters(remove_duplicate=False))
+    expected = {}
+    for entry in entries:
+        for hf_name, shape in zip(entry.hf, hf_shapes(entry, ours[entry.ours].shape)):
+            expected[hf_name] = shape
+    missing = [n for n in expected if n not in names]
+    if missing:
+        raise ValueError(f"checkpoint {ckpt.describe()} is missing tensor(s) {_few(missing)} "
+                         f"required by its config ({cfg.model_type}, {cfg.n_layer} layers)")
+    optional = {"lm_head.weight"} if cfg.tie_embeddings else set()  # HF ignores a stored copy of a tied head
+    unexpected = [names[n] for n in names if n not in expected and n not in optional and not IGNORED_HF.search(n)]
+    if unexpected:
+        raise ValueError(f"checkpoint {ckpt.describe()} has unexpected tensor(s) {_few(unexpected)} "
+                         f"(in {ckpt.file_of(unexpected[0])}) for a {cfg.model_type} config")
+    for hf_name, shape in expected.items():
+        got = tuple(ckpt.shape(names[hf_name]))
+        if got != tuple(shape):
+            raise ValueError(f"tensor {names[hf_name]!r} in {ckpt.file_of(names[hf_name])} has shape {got}, "
+                             f"expected {tuple(shape)} from config.json")
+
+
+def _few(names, n=5):
+    shown = ", ".join(repr(x) for x in names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def hf_state_dict(model):
+    """The model's weights under HF names and layouts (each tensor its own contiguous CPU copy)."""
+    ours = dict(model.named_parameters(remove_duplicate=False))
+    out = {}
+    for entry in weight_map(model.config):
+        tensor = ours[entry.ours].detach()
+        for hf_name, part in zip(entry.hf, tensor.split(list(entry.sizes), dim=0)):
+            part = part.t() if entry.transpose else part
+            out[hf_name] = part.to("cpu", copy=True).contiguous()
+    return out
+
+
+def save_pretrained(model, out_dir):
+    """config.json + model.safetensors that transformers' from_pretrained loads for the model's family."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    hf_config = model.config.to_hf()
+    dtype_name = str(model.dtype).replace("torch.", "")
+    hf_config.update(dtype=dtype_name, torch_dtype=dtype_name)
+    save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
