@@ -164,9 +164,10 @@ class Transformer(nn.Module):
         return KVCache(cfg.n_layer, batch_size, max_seq_len, cfg.n_kv_head, cfg.head_dim,
                        dtype=dtype or self.dtype, device=device or self.device)
 
-    def forward(self, input_ids: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: Optional[KVCache] = None, last_only: bool = False) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab). With a cache, row b's tokens sit at positions
-        cache.seqlens[b]..+T-1, their K/V are written to the cache and cache.seqlens grows by T in place."""
+        cache.seqlens[b]..+T-1, their K/V are written to the cache and cache.seqlens grows by T in place.
+        last_only=True returns (B, 1, vocab) for the last position only (prefill: skips T-1 lm_head rows)."""
         self._check_inputs(input_ids, cache)
         B, T = input_ids.shape
         offsets = torch.arange(T, device=input_ids.device)
@@ -188,6 +189,8 @@ class Transformer(nn.Module):
         residual = None
         for layer in self.layers:
             h, residual = layer(h, residual, step)
+        if last_only:
+            h, residual = h[:, -1:], residual[:, -1:]  # (B, 1, dim)
         x, _ = self.norm(h, residual)
         if cache is not None:
             cache.seqlens += T
