@@ -38,6 +38,7 @@ class KernelSpec:
     num_warps: int = 4
     num_stages: int = 3
     expect_mma: bool = False  # assert tensor-core instructions in the SASS
+    attrs: dict = None  # ASTSource attrs, e.g. {(0,): [["tt.divisibility", 16]]}: the runtime's specialization
 
 
 @dataclasses.dataclass
@@ -81,7 +82,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompileResult:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
