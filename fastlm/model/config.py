@@ -108,7 +108,7 @@ def _read_hf_dict(folder_or_dict) -> dict:
     if not isinstance(folder_or_dict, (str, Path)):
         raise ValueError(f"folder_or_dict must be a path or a dict, got {type(folder_or_dict).__name__}")
     path = Path(folder_or_dict)
-    if path.is_dir():
+    if path.is_dir() or path.suffix != ".json":
         path = path / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
