@@ -6,8 +6,9 @@ under the interpreter when TRITON_INTERPRET=1.
 """
 from fastlm.kernels.attention import attention_ref, decode_attention, flash_attention
 from fastlm.kernels.norms import LayerNorm, RMSNorm, layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
+from fastlm.kernels.patch import PatchReport, patch
 
 __all__ = [
     "LayerNorm", "RMSNorm", "layer_norm", "layer_norm_ref", "rms_norm", "rms_norm_ref",
-    "attention_ref", "flash_attention", "decode_attention",
+    "attention_ref", "flash_attention", "decode_attention", "patch", "PatchReport",
 ]
