@@ -41,9 +41,13 @@ def _make_norm(cfg: ModelConfig):
 
 
 def _add_norm(norm, h, residual):
-    """(norm(h + residual), h + residual); the first block has no residual yet."""
+    """(norm(h + residual), h + residual); the first block has no residual yet. Under autocast (mixed-
+    precision training) h comes out of a linear layer in bf16 while the residual stream and the norm
+    weights stay fp32: the add and the norm then run in fp32, as in transformers."""
     if residual is None:
         return norm(h), h
+    if h.dtype != residual.dtype:
+        h = h.to(residual.dtype)
     return norm(h, residual)
 
 
@@ -117,7 +121,7 @@ class Block(nn.Module):
     def forward(self, h, residual, step: _Step):
         x, residual = _add_norm(self.attn_norm, h, residual)
         h = self.attn(x, step)
-        x, residual = self.mlp_norm(h, residual)
+        x, residual = _add_norm(self.mlp_norm, h, residual)
         return self.mlp(x), residual
 
 
@@ -191,7 +195,7 @@ class Transformer(nn.Module):
             h, residual = layer(h, residual, step)
         if last_only:
             h, residual = h[:, -1:], residual[:, -1:]  # (B, 1, dim)
-        x, _ = self.norm(h, residual)
+        x, _ = _add_norm(self.norm, h, residual)
         if cache is not None:
             cache.seqlens += T
         return self.lm_head(x)
