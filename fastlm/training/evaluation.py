@@ -1,0 +1,83 @@
+"""Perplexity of a model on a text file, over the same block packing as training."""
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fastlm.training.data import load_blocks
+from fastlm.training.options import PRECISIONS, _check_int, _resolve_device, autocast_dtype
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
+
+
+def resolve_model_dir(model):
+    """A checkpoint folder: `model`, or the embedded default model when model is None."""
+    if model is None:
+        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+            raise FileNotFoundError(f"no model given and the embedded default model is missing ({DEFAULT_MODEL_DIR})")
+        return DEFAULT_MODEL_DIR
+    if not isinstance(model, (str, Path)):
+        raise ValueError(f"model must be a checkpoint folder path, got {type(model).__name__}")
+    path = Path(model)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder not found: {path}")
+    return path
+
+
+def check_block_size(block_size, config):
+    _check_int("block_size", block_size, 1)
+    if block_size > config.max_seq_len:
+        raise ValueError(f"block_size ({block_size}) is larger than the model's context "
+                         f"({config.max_seq_len} tokens); use --block-size {config.max_seq_len} or less")
+
+
+def autocast_context(device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def lm_loss(model, batch, reduction="mean"):
+    """Next-token cross-entropy of a (B, T + 1) batch of blocks, computed in fp32."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    logits = model(inputs)  # (B, T, vocab)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+
+
+@torch.no_grad()
+def eval_loss(model, blocks, batch_size, device, amp_dtype=None):
+    """(mean loss per token, tokens evaluated) of `model` over all `blocks`; restores the train/eval mode."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, blocks.size(0), batch_size):
+        batch = blocks[start:start + batch_size].to(device, non_blocking=True)
+        with autocast_context(device, amp_dtype):
+            total += lm_loss(model, batch, reduction="sum").double()
+    model.train(was_training)
+    n_tokens = blocks.size(0) * (blocks.size(1) - 1)
+    return total.item() / n_tokens, n_tokens
+
+
+def evaluate(model=None, data=None, *, block_size=128, batch_size=8, device=None, precision="auto"):
+    """Perplexity of a checkpoint folder (default: the embedded model) on a text file.
+
+    Returns {"loss": mean nats per token, "perplexity": exp(loss), "tokens": targets scored,
+    "blocks": sequences of block_size + 1 tokens}. The tokenizer is the checkpoint's own.
+    """
+    from fastlm.model import Transformer, load_tokenizer
+
+    if data is None:
+        raise ValueError("data must be the path of a text file to evaluate on")
+    _check_int("batch_size", batch_size, 1)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device = _resolve_device(device)
+    folder = resolve_model_dir(model)
+    net = Transformer.from_pretrained(folder, dtype=torch.float32, device=device)
+    check_block_size(block_size, net.config)
+    blocks = load_blocks(data, load_tokenizer(folder), block_size, name="data")
+    loss, n_tokens = eval_loss(net, blocks, batch_size, device, autocast_dtype(device, precision))
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": n_tokens, "blocks": blocks.size(0)}

@@ -1,0 +1,64 @@
+"""The model, tokenizer and optimizer a training run starts from.
+
+Precedence: resume (the checkpoint's weights and tokenizer) > config (a preset from scratch, with the
+given tokenizer or a BPE trained on the data) > model (a checkpoint to fine-tune; default: the embedded
+model). Master weights are fp32 whatever the checkpoint's dtype; bf16 enters only through autocast.
+"""
+import torch
+
+from fastlm.training import checkpoint as ckpt
+from fastlm.training.configs import model_config
+from fastlm.training.data import train_bpe_tokenizer
+from fastlm.training.evaluation import resolve_model_dir
+
+
+def build_model_and_tokenizer(opts, out_dir):
+    """(model in train mode on opts.device, tokenizer, checkpoint folder resumed from or None)."""
+    from fastlm.model import Transformer, load_tokenizer
+
+    resume_from = ckpt.find_resume_checkpoint(out_dir, opts.resume) if opts.resume else None
+    if resume_from is not None:
+        model = Transformer.from_pretrained(resume_from, dtype=torch.float32, device=opts.device)
+        tokenizer = load_tokenizer(resume_from)
+    elif opts.config is not None:
+        tokenizer = _scratch_tokenizer(opts, out_dir)
+        config = model_config(opts.config, tokenizer.vocab_size, tokenizer.bos_token_id,
+                              _single(tokenizer.eos_token_ids))
+        torch.manual_seed(opts.seed)
+        model = Transformer(config).to(device=opts.device, dtype=torch.float32)
+    else:
+        folder = resolve_model_dir(opts.model)
+        model = Transformer.from_pretrained(folder, dtype=torch.float32, device=opts.device)
+        tokenizer = load_tokenizer(opts.tokenizer if opts.tokenizer is not None else folder)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has only "
+                         f"{model.config.vocab_size}")
+    model.train()
+    return model, tokenizer, resume_from
+
+
+def _scratch_tokenizer(opts, out_dir):
+    from fastlm.model import load_tokenizer
+
+    if opts.tokenizer is not None:
+        return load_tokenizer(opts.tokenizer)
+    # A byte-level BPE on the training text, saved in the output folder (it ships with the model).
+    return load_tokenizer(train_bpe_tokenizer([opts.data], opts.vocab_size, out_dir))
+
+
+def _single(ids):
+    ids = list(ids or [])
+    return ids[0] if len(ids) == 1 else (ids or None)
+
+
+def make_optimizer(model, weight_decay, device):
+    """AdamW(betas 0.9/0.95); weight decay only on the matrices of linear layers (not on norms, biases
+    and embeddings, whose decay hurts more than it regularizes)."""
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for param in model.parameters():  # shared (tied) parameters appear once
+        if not param.requires_grad:
+            continue
+        (decay if param.dim() >= 2 and id(param) not in embedding_params else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
