@@ -255,8 +255,6 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 def _rows(t: torch.Tensor, N: int) -> torch.Tensor:
     """2-D (rows, N) view with a contiguous last dim (copies only when it has to)."""
-    if t.stride(-1) != 1:
-        t = t.contiguous()
     t = t.reshape(-1, N)
     return t if t.stride(-1) == 1 or t.shape[0] == 0 else t.contiguous()
 

@@ -120,9 +120,10 @@ def test_gradient_from_one_output_only(poisoned, kind, grads_for):
     _check(kind, (5, 300), torch.float16, residual=True, grads_for=grads_for)
 
 
+@pytest.mark.parametrize("N", [norms.MAX_FUSED_N + 1, norms.MAX_N])
 @pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
-def test_longest_row(kind):
-    _check(kind, (1, norms.MAX_N), torch.float16, residual=True)
+def test_chunk_boundary_and_longest_row(kind, N):
+    _check(kind, (2, N), torch.float16, residual=True)
 
 
 @pytest.mark.parametrize("N", [1000, 12288])
