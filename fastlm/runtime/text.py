@@ -86,3 +86,26 @@ class StopMatcher:
                     best = n
                     break
         return best
+
+
+class SequenceText:
+    """The text side of one generated sequence: token ids in, safe-to-show pieces out."""
+
+    def __init__(self, tokenizer, prompt_ids: Sequence[int] = (), stops: Sequence[str] = ()):
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.matcher = StopMatcher(stops)
+
+    @property
+    def stopped(self) -> bool:
+        return self.matcher.stopped
+
+    def add(self, token: int):
+        """-> (piece, stopped): stopped is True when this token completed a stop string."""
+        return self.matcher.feed(self.detokenizer.push([token]))
+
+    def finish(self) -> str:
+        """The rest of the text once generation ended without a stop string."""
+        if self.matcher.stopped:
+            return ""
+        piece, _ = self.matcher.feed(self.detokenizer.flush())
+        return piece + self.matcher.flush()

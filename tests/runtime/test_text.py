@@ -2,7 +2,7 @@
 import pytest
 
 from fastlm.runtime.text import IncrementalDetokenizer, StopMatcher
-from tests.runtime.tokenizers_util import train_byte_level_bpe
+from tests.runtime.tokenizers_util import train_byte_level_bpe, train_metaspace_bpe
 
 TEXTS = ["Once upon a time, 日本語 😀 and héllo!", "🦊🦊 ça va", " the lazy dog; café 🦊 end."]
 
@@ -22,6 +22,18 @@ def test_pieces_join_to_the_decoded_text_without_broken_characters(tokenizer, te
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == text
     assert any(len(p) == 0 for p in pieces[:-1])  # multi-byte characters span tokens and were held
+
+
+@pytest.mark.parametrize("prompt", ["", "Once", "the lazy fox"])
+def test_leading_spaces_survive_a_metaspace_decoder(prompt):
+    """SentencePiece-style decoders drop the first token's leading space; the prompt context keeps it."""
+    tok = train_metaspace_bpe()
+    prompt_ids, new_ids = tok.encode(prompt).ids, tok.encode(" upon a time, the fox").ids
+    detok = IncrementalDetokenizer(tok, prompt_ids)
+    text = "".join(detok.push([i]) for i in new_ids) + detok.flush()
+    whole = tok.decode(prompt_ids + new_ids)
+    assert text == whole[len(tok.decode(prompt_ids)):]
+    assert text == ("upon a time, the fox" if not prompt else " upon a time, the fox")
 
 
 def test_flush_emits_an_incomplete_character_as_replacement(tokenizer):

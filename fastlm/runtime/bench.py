@@ -1,0 +1,121 @@
+"""Prefill and decode speed of fastlm and of transformers' generate on the same checkpoint.
+
+Used by `fastlm bench` and benchmarks/bench_generate.py. Prompts are random ids, decoding is greedy and
+ignores eos (every row runs the full length), so both engines do the same work.
+- fastlm: prefill = prefill() of the batch into a fresh cache (B x prompt_len tokens); decode = the
+  decode steps with sampling (B tokens per step), each timed as a whole.
+- transformers: generate() with a streamer noting the time of each step: prefill = up to the first new
+  token (it includes generate's setup, which is part of what a user waits for), decode = the N steps
+  after it.
+Weight bytes per step: every parameter a decode step reads (linear layers, norms, the lm_head), not
+the input embedding table (it reads B rows of it) nor learned positions.
+"""
+import statistics
+import time
+
+import torch
+
+from fastlm.runtime.cuda_graph import make_decode_step
+from fastlm.runtime.generate import prefill
+from fastlm.runtime.sampling import SamplingParams, next_tokens
+
+_GREEDY = SamplingParams(temperature=0)
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of the parameters one decode step reads (tied lm_head counted once)."""
+    skip = {id(model.tok_emb.weight)} - {id(model.lm_head.weight)}
+    if getattr(model, "pos_emb", None) is not None:
+        skip.add(id(model.pos_emb.weight))
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in skip or id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+    return total
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(fn, device, repeats):
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def fastlm_speed(model, batch_size: int, prompt_len: int, new_tokens: int, repeats: int = 3) -> dict:
+    """{'prefill_tok_s', 'decode_tok_s'} of fastlm's runtime (median of `repeats`, after a warmup)."""
+    device = model.device
+    prompts = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len)).tolist()
+    cache = model.new_cache(batch_size, prompt_len + new_tokens)
+    step = make_decode_step(model, cache)
+
+    def run_prefill():
+        cache.reset()
+        return next_tokens(prefill(model, cache, prompts), _GREEDY)
+
+    def run_decode():
+        cache.seqlens.fill_(prompt_len)
+        tok = first
+        for _ in range(new_tokens):
+            tok = next_tokens(step(tok), _GREEDY)
+        return tok
+
+    first = run_prefill()
+    run_decode()  # warmup
+    prefill_s = _median_seconds(run_prefill, device, repeats)
+    first = run_prefill()
+    decode_s = _median_seconds(run_decode, device, repeats)
+    return {"prefill_tok_s": batch_size * prompt_len / prefill_s, "decode_tok_s": batch_size * new_tokens / decode_s}
+
+
+class _TokenClock:
+    """A transformers streamer that only notes when each step's tokens arrive (put 0 is the prompt)."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+@torch.no_grad()
+def hf_speed(hf_model, batch_size: int, prompt_len: int, new_tokens: int, repeats: int = 3) -> dict:
+    """The same figures for a transformers model through generate() (greedy, eos ignored): one call
+    per repeat, with a streamer timing each step: prefill = until the first new token, decode = the rest."""
+    device = hf_model.device
+    ids = torch.randint(0, hf_model.config.vocab_size, (batch_size, prompt_len), device=device)
+    hf_model.generation_config.eos_token_id = None
+    hf_model.generation_config.pad_token_id = 0
+    prefill_s, decode_s = [], []
+    for i in range(repeats + 1):  # the first call warms up
+        clock = _TokenClock()
+        _sync(device)
+        start = time.perf_counter()
+        hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens + 1, do_sample=False,
+                          eos_token_id=None, pad_token_id=0, streamer=clock)
+        if i:
+            prefill_s.append(clock.times[1] - start)
+            decode_s.append(clock.times[-1] - clock.times[1])
+    return {"prefill_tok_s": batch_size * prompt_len / statistics.median(prefill_s),
+            "decode_tok_s": batch_size * new_tokens / statistics.median(decode_s)}
+
+
+def read_bandwidth_gbs(device, nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """GB/s of reading a large fp32 tensor once (a sum): the memory roofline of a decode step."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    x.sum()
+    return nbytes / _median_seconds(lambda: x.sum(), device, repeats) / 1e9

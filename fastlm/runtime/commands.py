@@ -1,0 +1,107 @@
+"""`fastlm generate` and `fastlm bench`, registered by fastlm/cli.py.
+
+Arguments are checked (SamplingParams, the prompt) before the model loads, so a bad flag fails fast.
+Errors are the API's ValueErrors; fastlm/cli.py prints them as one line and exits with code 2.
+"""
+import sys
+
+from fastlm.runtime.sampling import SamplingParams
+
+DTYPE_CHOICES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
+
+
+def add_parsers(subparsers) -> None:
+    _add_generate(subparsers)
+    _add_bench(subparsers)
+
+
+def _add_model_args(parser) -> None:
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="default: the checkpoint's")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+
+
+def _add_generate(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text from a prompt (streams to stdout)")
+    p.add_argument("prompt", help="the prompt text")
+    _add_model_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-stream", action="store_true", help="print the text once it is complete")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args) -> int:
+    from fastlm.runtime.llm import LLM, check_text_prompts
+
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                   stop=args.stop, seed=args.seed)
+    SamplingParams(**options)  # fail before loading the model
+    check_text_prompts(args.prompt)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    if args.no_stream:
+        print(llm.generate(args.prompt, **options))
+        return 0
+    for piece in llm.stream(args.prompt, **options):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _add_bench(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="prefill and decode tokens/s (optionally against transformers)")
+    _add_model_args(p)
+    p.add_argument("--batch-size", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compare-hf", action="store_true", help="also time transformers' generate")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args) -> int:
+    from fastlm.runtime import bench
+    from fastlm.runtime.llm import LLM
+
+    for name in ("prompt_len", "new_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
+    if any(b < 1 for b in args.batch_size):
+        raise ValueError(f"batch_size must be >= 1, got {args.batch_size}")
+    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    context = llm.model.config.max_seq_len
+    if args.prompt_len + args.new_tokens > context:
+        raise ValueError(f"prompt_len + new_tokens ({args.prompt_len + args.new_tokens}) exceeds the model's "
+                         f"context ({context})")
+    hf_model = _load_hf(llm) if args.compare_hf else None
+    weight_gb = bench.weight_bytes_per_step(llm.model) / 1e9
+    print(f"model {llm.path} ({llm.model.config.model_type}, {llm.model.dtype}, {llm.device}); "
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens; weights {weight_gb:.3f} GB per step")
+    header = f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'weights GB/s':>13}"
+    print(header + (f" {'HF prefill':>11} {'HF decode':>10} {'decode x HF':>11}" if hf_model else ""))
+    for batch in args.batch_size:
+        ours = bench.fastlm_speed(llm.model, batch, args.prompt_len, args.new_tokens, args.repeats)
+        line = (f"{batch:>5} {ours['prefill_tok_s']:>14.1f} {ours['decode_tok_s']:>13.1f} "
+                f"{ours['decode_tok_s'] / batch * weight_gb:>13.2f}")
+        if hf_model is not None:
+            theirs = bench.hf_speed(hf_model, batch, args.prompt_len, args.new_tokens, args.repeats)
+            line += (f" {theirs['prefill_tok_s']:>11.1f} {theirs['decode_tok_s']:>10.1f} "
+                     f"{ours['decode_tok_s'] / theirs['decode_tok_s']:>11.2f}")
+        print(line, flush=True)
+    return 0
+
+
+def _load_hf(llm):
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise ValueError("--compare-hf needs transformers (pip install transformers)") from None
+    return AutoModelForCausalLM.from_pretrained(llm.path, dtype=llm.model.dtype).to(llm.device).eval()

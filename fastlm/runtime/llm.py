@@ -1,0 +1,189 @@
+"""fastlm.LLM: the Python API.
+
+    llm = fastlm.LLM("path/to/checkpoint", dtype="bfloat16")
+    llm.generate("Once upon a time", max_new_tokens=50, temperature=0.8, top_p=0.95, seed=0)  # -> str
+    llm.generate(["first prompt", "second"], max_new_tokens=50)                              # -> list[str]
+    for piece in llm.stream("Once upon a time", max_new_tokens=50): print(piece, end="")
+    llm.generate_tokens([[464, 2068], [818]], max_new_tokens=20, temperature=0)            # -> list[list[int]]
+
+Context rule: a prompt must leave room to generate (prompt tokens < the model's context, else
+ValueError); max_new_tokens is clipped so that the longest prompt of the call plus its new tokens fit
+the context (generation then ends early, as at max_new_tokens).
+"""
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Union
+
+import torch
+
+from fastlm.runtime.cuda_graph import make_decode_step
+from fastlm.runtime.generate import TokenLoop, check_prompt_ids, default_sync_every, new_token_budget
+from fastlm.runtime.sampling import SamplingParams
+from fastlm.runtime.text import SequenceText
+
+_CACHE_LENGTH_STEP = 128  # cache lengths are rounded up to this, so workspaces (and graphs) get reused
+_MAX_WORKSPACES = 4
+
+
+def default_model_path() -> Path:
+    """The embedded default model shipped inside the package (fastlm/default_model/)."""
+    return Path(__file__).resolve().parent.parent / "default_model"
+
+
+def resolve_model_path(model) -> Path:
+    if model is None:
+        path = default_model_path()
+        if not (path / "config.json").is_file():
+            raise ValueError("no embedded default model in this installation (fastlm/default_model/ is missing); "
+                             "pass a checkpoint path, e.g. LLM('path/to/checkpoint') or --model PATH")
+        return path
+    if not isinstance(model, (str, Path)):
+        raise ValueError(f"model must be a checkpoint folder path, got {type(model).__name__}")
+    path = Path(model)
+    if not path.exists():
+        raise ValueError(f"model path does not exist: {model}")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model path {model} is not a checkpoint folder (no config.json in it)")
+    return path
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+def check_text_prompts(prompt) -> List[str]:
+    """A str or a non-empty list of str, none empty; ValueError naming the argument otherwise."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+    for i, text in enumerate(prompts):
+        if not isinstance(text, str):
+            raise ValueError(f"prompt must be a string or a list of strings, got {type(text).__name__} at {i}")
+        if not text:
+            raise ValueError("prompt must not be empty (empty prompt)")
+    return list(prompts)
+
+
+class LLM:
+    """A checkpoint loaded for generation: `model` (fastlm.model.Transformer) and `tokenizer`."""
+
+    def __init__(self, model: Optional[Union[str, Path]] = None, dtype=None, device=None):
+        from fastlm.model import Transformer, load_tokenizer
+
+        path = resolve_model_path(model)
+        self.path = path
+        self.model = Transformer.from_pretrained(path, dtype=dtype, device=resolve_device(device))
+        self.tokenizer = load_tokenizer(path)
+        self.eos_token_ids = tuple(self.tokenizer.eos_token_ids or ())
+        self._workspaces = {}  # (batch, cache length) -> (KVCache, decode step)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def generate(self, prompt: Union[str, Sequence[str]], max_new_tokens: int = 64, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 stop: Union[str, Sequence[str], None] = None, seed: Optional[int] = None):
+        """New text for one prompt (-> str) or a batch (-> list[str]); the prompt is not repeated.
+        temperature 0 is greedy; top_k 0 / top_p 1 / min_p 0 / repetition_penalty 1 switch those off.
+        Ends at eos, at a stop string (it and what follows are dropped), or after max_new_tokens
+        (clipped to the context, see the module docstring)."""
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop or (), seed)
+        texts = check_text_prompts(prompt)
+        outputs = [[] for _ in texts]
+        for _, pieces in self._run(self._encode(texts), params, streaming=False, want_text=True):
+            for row, piece in enumerate(pieces):
+                outputs[row].append(piece)
+        results = ["".join(parts) for parts in outputs]
+        return results[0] if isinstance(prompt, str) else results
+
+    def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
+               top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+               stop: Union[str, Sequence[str], None] = None, seed: Optional[int] = None) -> Iterator[str]:
+        """Like generate for one prompt, yielding the text as it is produced (pieces join to generate's)."""
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop or (), seed)
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string for stream(), got {type(prompt).__name__}")
+        prompt_ids = self._encode(check_text_prompts(prompt))
+        for _, pieces in self._run(prompt_ids, params, streaming=True, want_text=True):
+            if pieces[0]:
+                yield pieces[0]
+
+    def generate_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
+                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                        repetition_penalty: float = 1.0, stop: Union[str, Sequence[str], None] = None,
+                        seed: Optional[int] = None) -> List[List[int]]:
+        """New token ids per prompt (eos excluded). With stop strings, a row's ids end with the token
+        that completed the stop string (text cannot be cut inside a token)."""
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop or (), seed)
+        prompts = check_prompt_ids(prompts, self.model.config.vocab_size)
+        outputs = [[] for _ in prompts]
+        for ids, _ in self._run(prompts, params, streaming=False, want_text=bool(params.stop)):
+            for row, new in enumerate(ids):
+                outputs[row].extend(new)
+        return outputs
+
+    def _encode(self, texts: List[str]) -> List[List[int]]:
+        encoded = [list(self.tokenizer.encode(t)) for t in texts]
+        for ids in encoded:
+            if not ids:
+                raise ValueError("prompt must not be empty (empty prompt)")
+        return encoded
+
+    def _run(self, prompts, params: SamplingParams, streaming: bool, want_text: bool):
+        """Yields (new ids per row, new text per row) as generation proceeds; the text lists are
+        empty strings when want_text is False."""
+        budget = new_token_budget([len(p) for p in prompts], params.max_new_tokens, self.model.config.max_seq_len)
+        params = replace(params, max_new_tokens=budget)
+        cache, step = self._workspace(len(prompts), max(len(p) for p in prompts) + budget)
+        loop = TokenLoop(self.model, cache, step, prompts, params, self.eos_token_ids,
+                         sync_every=default_sync_every(cache.device, streaming))
+        texts = [SequenceText(self.tokenizer, p, params.stop) for p in prompts] if want_text else None
+        for chunk in loop:
+            yield (chunk, [""] * len(chunk)) if texts is None else _add_text(loop, texts, chunk)
+        if texts is not None:
+            yield [[] for _ in prompts], [t.finish() for t in texts]
+
+    def _workspace(self, batch_size: int, length: int):
+        """A reset KV cache (and its decode step / CUDA graph) for this batch size and length, reused
+        across calls; lengths round up to _CACHE_LENGTH_STEP within the context."""
+        context = self.model.config.max_seq_len
+        length = min(context, -(-length // _CACHE_LENGTH_STEP) * _CACHE_LENGTH_STEP)
+        key = (batch_size, length)
+        if key not in self._workspaces:
+            if len(self._workspaces) >= _MAX_WORKSPACES:
+                self._workspaces.pop(next(iter(self._workspaces)))
+            with torch.no_grad():
+                cache = self.model.new_cache(batch_size, length)
+                self._workspaces[key] = (cache, make_decode_step(self.model, cache))
+        cache, step = self._workspaces[key]
+        cache.reset()
+        return cache, step
+
+
+def _add_text(loop: TokenLoop, texts: List[SequenceText], chunk: List[List[int]]):
+    """Feed each row's new ids to its text; a completed stop string ends the row (loop.finish) and
+    cuts its ids after the completing token."""
+    ids_out, pieces = [], []
+    for row, ids in enumerate(chunk):
+        kept, parts = [], []
+        for token in ids:
+            kept.append(token)
+            piece, stopped = texts[row].add(token)
+            parts.append(piece)
+            if stopped:
+                loop.finish(row)
+                break
+        ids_out.append(kept)
+        pieces.append("".join(parts))
+    return ids_out, pieces
