@@ -27,12 +27,17 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                         help="where to run (default: cuda when available)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="folder for the CSV and PNG (default: benchmarks/out/)")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch (default 1: steadier timings on a shared machine)")
     return parser
 
 
-def check_device(device: str) -> torch.device:
+def check_device(device: str, threads: int = None) -> torch.device:
+    """Validate --device; on CPU also apply --threads (called from a script's main, never at import)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but no CUDA device is available")
+    if device == "cpu" and threads:
+        torch.set_num_threads(threads)
     return torch.device(device)
 
 
@@ -57,11 +62,28 @@ def time_ms(fn, device, *, warmup: int = 3, reps: int = 20, min_time_s: float = 
     return statistics.median(times)
 
 
+def time_ms_each(fns: dict, device, *, warmup: int = 2, reps: int = 20) -> dict:
+    """Median ms of each of several candidates {name: fn}. On CPU the calls interleave (a, b, a, b, ...)
+    so that load from other processes on a shared machine falls on every candidate alike."""
+    if torch.device(device).type == "cuda":
+        return {name: time_ms(fn, device) for name, fn in fns.items()}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def measure_copy_bandwidth(device, *, nbytes: int = None, quick: bool = False) -> float:
     """GB/s of a large tensor copy (bytes read + bytes written over time)."""
     device = torch.device(device)
     if nbytes is None:
-        nbytes = (1 << 30) if device.type == "cuda" else (64 << 20 if quick else 256 << 20)
+        nbytes = (1 << 30) if device.type == "cuda" else (128 << 20 if quick else 256 << 20)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device, reps=5 if quick else 20)
