@@ -1,14 +1,17 @@
 """Read access to the weight files of a HF checkpoint folder, one tensor at a time.
 
 Formats, in order of preference: model.safetensors, model.safetensors.index.json (sharded),
-pytorch_model.bin, pytorch_model.bin.index.json. safetensors files are memory-mapped and only their
-headers are read until a tensor is requested; .bin files go through torch.load(weights_only=True,
-mmap=True). Every failure names the file."""
+pytorch_model.bin, pytorch_model.bin.index.json. Of a safetensors file only the header is read until a
+tensor is requested; then its bytes are read straight into a fresh tensor (no mmap: the loaded model
+owns its memory, never aliases the file, and file pages are not charged to the process while loading).
+.bin files go through torch.load(weights_only=True, mmap=True) and each tensor is copied out.
+Every failure names the file."""
 import json
+import math
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 SINGLE_SAFETENSORS, SHARDED_SAFETENSORS = "model.safetensors", "model.safetensors.index.json"
 SINGLE_BIN, SHARDED_BIN = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -36,18 +39,15 @@ class CheckpointFiles:
 
     def shape(self, name):
         handle = self._handle(self.file_of(name))
-        if isinstance(handle, dict):
-            return tuple(handle[name].shape)
-        return tuple(handle.get_slice(name).get_shape())
+        return tuple(handle[name].shape) if isinstance(handle, dict) else handle.shape(name)
 
-    def get(self, name, device):
-        path = self.file_of(name)
-        handle = self._handle(path)
-        try:
-            tensor = handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
-        except Exception as e:  # safetensors reports truncated/corrupt data at read time
-            raise ValueError(f"cannot read tensor {name!r} from {path}: {e}") from None
-        return tensor.to(device)
+    def copy_into(self, name, out: torch.Tensor, transpose=False):
+        """Copy tensor `name` (transposed if asked) into out, converting dtype/device as out requires."""
+        handle = self._handle(self.file_of(name))
+        if isinstance(handle, dict):
+            out.copy_(handle[name].t() if transpose else handle[name])
+        else:
+            handle.copy_into(name, out, transpose)
 
     def __enter__(self):
         return self
@@ -91,10 +91,7 @@ def _read_index(index: Path) -> dict:
 
 def _open_file(path: Path):
     if path.suffix == ".safetensors":
-        try:
-            return safe_open(str(path), framework="pt", device="cpu")
-        except Exception as e:  # SafetensorError, OSError: header unreadable, file truncated
-            raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
+        return SafetensorsFile(path)
     try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -107,3 +104,70 @@ def _open_file(path: Path):
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a dict of tensors")
     return state
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    """Header of a .safetensors file (validated against the file size), and tensor reads by offset.
+    Format: u64 little-endian header size N, N bytes of JSON {name: {dtype, shape, data_offsets}}, data."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < n <= size - 8:
+                raise ValueError(f"{path} is not a valid safetensors file: header size {n} for a {size}-byte file")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path} is not a valid safetensors file: header is not JSON ({e})") from None
+        self.data_start, self.entries, self._scratch = 8 + n, {}, None
+        for name, entry in header.items():
+            if name != "__metadata__":
+                self.entries[name] = self._check_entry(name, entry, size - self.data_start)
+
+    def _check_entry(self, name, entry, data_size):
+        try:
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{self.path}: tensor {name!r} has an unsupported or malformed header entry {entry!r}") from None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not (0 <= begin <= end <= data_size and end - begin == nbytes):
+            raise ValueError(f"{self.path}: tensor {name!r} ({entry['dtype']} {list(shape)}) has data offsets "
+                             f"[{begin}, {end}) outside the file's {data_size} data bytes or of the wrong size "
+                             f"(file truncated or corrupt)")
+        return dtype, shape, begin, nbytes
+
+    def keys(self):
+        return list(self.entries)
+
+    def shape(self, name):
+        return self.entries[name][1]
+
+    def copy_into(self, name, out: torch.Tensor, transpose=False):
+        """Read the bytes straight into out when layouts agree, else through one reused scratch buffer
+        (no per-tensor temporaries for the allocator to fragment)."""
+        dtype, shape, begin, nbytes = self.entries[name]
+        direct = not transpose and out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
+        if direct:
+            self._read(name, out.reshape(-1).view(torch.uint8), begin, nbytes)
+            return
+        if self._scratch is None or self._scratch.numel() < nbytes:
+            self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+        src = self._scratch[:nbytes]
+        self._read(name, src, begin, nbytes)
+        src = src.view(dtype).reshape(shape)
+        out.copy_(src.t() if transpose else src)
+
+    def _read(self, name, buffer, begin, nbytes):
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            got = f.readinto(memoryview(buffer.numpy())) if nbytes else 0
+        if got != nbytes:
+            raise ValueError(f"{self.path}: tensor {name!r} is truncated ({got} of {nbytes} bytes)")

@@ -2,8 +2,9 @@
 
 Loading never holds two full copies of the weights: the model is built on the meta device, every
 checkpoint tensor is checked (names and shapes, from the safetensors headers) before any data is
-read, then tensors are read one at a time (memory-mapped), converted, and assigned into the model with
-`load_state_dict(assign=True)`. Any problem raises one error naming the file or tensor; a model is
+read, then each parameter is allocated once in the target dtype/device, its HF tensors are read into it
+(fused q/k/v and gate/up parts into row blocks, GPT-2 Conv1D transposed), and it is assigned into the
+model with `load_state_dict(assign=True)`. Any problem raises one error naming the file or tensor; a model is
 returned only when every parameter was loaded."""
 import json
 from pathlib import Path
@@ -45,13 +46,13 @@ def load_pretrained(cls, path, dtype=None, device=None):
     with open_checkpoint(folder) as ckpt:
         names = {normalize_hf_name(cfg, n): n for n in ckpt.names}  # normalized -> name in the file
         _check_names_and_shapes(cfg, entries, model, ckpt, names)
+        shapes = {n: p.shape for n, p in model.named_parameters(remove_duplicate=False)}
         state = {}
-        for entry in entries:
-            parts = [ckpt.get(names[n], device) for n in entry.hf]
-            parts = [p.t() for p in parts] if entry.transpose else parts
-            tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-            state[entry.ours] = tensor.to(dtype=dtype).contiguous()
-            del parts, tensor
+        for entry in entries:  # each parameter allocated once, its HF parts copied into row blocks
+            tensor = torch.empty(shapes[entry.ours], dtype=dtype, device=device)
+            for hf_name, rows in zip(entry.hf, tensor.split(list(entry.sizes), dim=0)):
+                ckpt.copy_into(names[hf_name], rows, transpose=entry.transpose)
+            state[entry.ours] = tensor
     model.load_state_dict(state, strict=False, assign=True)
     del state
     if cfg.tie_embeddings:
