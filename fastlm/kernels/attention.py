@@ -112,17 +112,21 @@ def _sdpa(q, k, v, visible, scale):
 
 
 def _flash_torch(q, k, v, causal, scale):
-    B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
-    if not causal:
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           scale=scale, enable_gqa=q.shape[2] != k.shape[2])
-        return o.transpose(1, 2)
-    return _sdpa(q, k, v, _visible_keys(1, Sq, Sk, True, device=q.device), scale)
+    Sq, Sk = q.shape[1], k.shape[1]
+    if causal and Sq not in (1, Sk):  # bottom-right alignment needs an explicit mask
+        return _sdpa(q, k, v, _visible_keys(1, Sq, Sk, True, device=q.device), scale)
+    # Sq == 1 sees every key; Sq == Sk is SDPA's own (top-left) causal mask: its fused kernels
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=causal and Sq > 1, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+    return o.transpose(1, 2)
 
 
 def _decode_torch(q, k_cache, v_cache, cache_seqlens, scale):
     Sq = q.shape[1]
     lengths = cache_seqlens.to(device=q.device, dtype=torch.long)
+    if q.device.type == "cpu" and bool((lengths == lengths[0]).all()):  # one length: no mask tensor
+        n = int(lengths[0])
+        return _flash_torch(q, k_cache[:, :n], v_cache[:, :n], True, scale)
     s_used = int(lengths.max()) if q.device.type == "cpu" else k_cache.shape[1]  # no sync on GPU
     positions = lengths[:, None] - Sq + torch.arange(Sq, device=q.device)  # (B, Sq)
     visible = _visible_keys(q.shape[0], Sq, s_used, True, positions, lengths, q.device)
@@ -142,29 +146,32 @@ def _dot_precision(dtype):
 
 
 def flash_fwd_config(head_dim, dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel: the largest tiles that
+    compile without register spills for both sm_80 and sm_90 (see compile_specs)."""
     block_d = _block_d(head_dim)
-    if dtype == torch.float32:
-        return (64, 32, 4, 2) if block_d <= 128 else (32, 32, 4, 1)
+    if dtype == torch.float32:  # no tensor cores (IEEE fp32): small tiles
+        return (16, 32, 4, 1) if block_d <= 128 else (16, 16, 4, 1)
     if block_d <= 64:
-        return 128, 64, 4, 3
-    if block_d <= 128:
         return 128, 64, 8, 3
-    return 64, 32, 4, 2
+    if block_d <= 128:
+        return 128, 32, 8, 3
+    return 32, 32, 4, 2
 
 
-def flash_bwd_config(head_dim, dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV and dQ kernels."""
+def flash_bwd_config(head_dim, dtype, kernel):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the backward `kernel` ("dkdv" or "dq").
+    dK/dV keeps four (BLOCK_N, D) tiles live (k, v, dk, dv), so its tiles are smaller."""
     block_d = _block_d(head_dim)
     if dtype == torch.float32:
-        return (32, 32, 4, 1) if block_d <= 128 else (16, 16, 4, 1)
-    if block_d <= 64:
-        return 64, 64, 4, 2
-    if block_d <= 128:
-        return 64, 64, 8, 2
-    return 32, 32, 4, 1
+        return 16, 16, 4, 1
+    if kernel == "dq":
+        if block_d <= 64:
+            return 64, 64, 4, 2
+        return (64, 64, 8, 2) if block_d <= 128 else (32, 32, 4, 1)
+    return DKDV_CONFIGS[min(block_d, 256)] if block_d >= 64 else DKDV_CONFIGS[64]
 
 
+DKDV_CONFIGS = {64: (32, 64, 8, 2), 128: (32, 64, 8, 2), 256: (32, 32, 8, 1)}
 DELTA_BLOCK_M = 64
 DECODE_MAX_ROWS = 64  # query rows (group x Sq) per program; larger groups take several programs
 DECODE_MAX_SPLITS = 128
@@ -178,10 +185,10 @@ def decode_config(head_dim, dtype, rows):
 
 
 def decode_splits(batch, n_kv_heads, max_seqlen, block_n, n_sms=132):
-    """(n_splits, chunk): enough chunks to give every SM about two programs; depends on shapes only,
+    """(n_splits, chunk): enough chunks to give every SM about four programs (latency hiding); depends on shapes only,
     never on the lengths, so a captured CUDA graph stays valid."""
     n_blocks = -(-max_seqlen // block_n)
-    want = max(1, -(-2 * n_sms // (batch * n_kv_heads)))
+    want = max(1, -(-4 * n_sms // (batch * n_kv_heads)))
     splits = max(1, min(want, DECODE_MAX_SPLITS, n_blocks))
     chunk = -(-n_blocks // splits) * block_n
     return -(-max_seqlen // chunk), chunk
@@ -224,19 +231,19 @@ def _flash_bwd(do, q, k, v, o, lse, causal, scale):
     q, k, v, o, do = (t.contiguous() for t in (q, k, v, o, do))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
-    block_m, block_n, warps, stages = flash_bwd_config(D, q.dtype)
     shape = dict(HEAD_DIM=D, BLOCK_D=_block_d(D))
-    common = dict(IS_CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, PREC=_dot_precision(q.dtype),
-                  num_warps=warps, num_stages=stages, **shape)
+    common = dict(IS_CAUSAL=causal, PREC=_dot_precision(q.dtype), **shape)
     with _device_guard(q):
         _attn_bwd_delta[(_cdiv(Sq, DELTA_BLOCK_M), B * Hq)](o, do, delta, *o.stride()[:3], Hq, Sq,
                                                               BLOCK_M=DELTA_BLOCK_M, num_warps=4, **shape)
+        block_m, block_n, warps, stages = flash_bwd_config(D, q.dtype, "dkdv")
         _attn_bwd_dkdv[(_cdiv(Sk, block_n), B * Hkv)](
             q, k, v, do, dk, dv, lse, delta, *q.stride()[:3], *k.stride()[:3], Hkv, Hq // Hkv, Sq, Sk,
-            scale * LOG2E, scale, **common)
+            scale * LOG2E, scale, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
+        block_m, block_n, warps, stages = flash_bwd_config(D, q.dtype, "dq")
         _attn_bwd_dq[(_cdiv(Sq, block_m), B * Hq)](
             q, k, v, do, dq, lse, delta, *q.stride()[:3], *k.stride()[:3], Hq, Hq // Hkv, Sq, Sk,
-            scale * LOG2E, scale, **common)
+            scale * LOG2E, scale, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
     return dq, dk, dv
 
 
@@ -344,16 +351,16 @@ def _spec(name, fn, dtype, constexprs, warps, stages, expect_mma):
 
 def _flash_specs(head_dim, dtype, causal=True):
     shape = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim))
-    tag = f"D={head_dim},{str(dtype).replace('torch.', '')}"
+    tag = f"D={head_dim},{str(dtype).replace('torch.', '')}{'' if causal else ',full'}"
     bm, bn, warps, stages = flash_fwd_config(head_dim, dtype)
     blocks = dict(IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, PREC=_dot_precision(dtype), **shape)
     specs = [_spec(f"attn_fwd[{tag},{bm}x{bn},w{warps}]", _attn_fwd, dtype, blocks, warps, stages, True)]
-    bm, bn, warps, stages = flash_bwd_config(head_dim, dtype)
-    blocks = dict(blocks, BLOCK_M=bm, BLOCK_N=bn)
-    specs += [_spec(f"attn_bwd_dkdv[{tag},{bm}x{bn},w{warps}]", _attn_bwd_dkdv, dtype, blocks, warps, stages, True),
-              _spec(f"attn_bwd_dq[{tag},{bm}x{bn},w{warps}]", _attn_bwd_dq, dtype, blocks, warps, stages, True),
-              _spec(f"attn_bwd_delta[{tag}]", _attn_bwd_delta, dtype, dict(BLOCK_M=DELTA_BLOCK_M, **shape), 4, 3,
-                    False)]
+    for name, fn in (("dkdv", _attn_bwd_dkdv), ("dq", _attn_bwd_dq)):
+        bm, bn, warps, stages = flash_bwd_config(head_dim, dtype, name)
+        specs.append(_spec(f"attn_bwd_{name}[{tag},{bm}x{bn},w{warps}]", fn, dtype,
+                           dict(blocks, BLOCK_M=bm, BLOCK_N=bn), warps, stages, True))
+    specs.append(_spec(f"attn_bwd_delta[{tag}]", _attn_bwd_delta, dtype, dict(BLOCK_M=DELTA_BLOCK_M, **shape), 4, 3,
+                       False))
     return specs
 
 
@@ -367,12 +374,18 @@ def _decode_specs(head_dim, dtype, rows):
 
 
 def compile_specs():
+    """bf16 for every head-dim class (64, odd 80, 128, 256) and both passes; fp16 and non-causal for
+    D=128; decode for group x Sq row counts 1..32. fp32 (IEEE FMA, not tensor cores) is a
+    correctness path and not listed."""
     specs = []
-    for dtype in (torch.float16, torch.bfloat16):
-        for head_dim in (64, 80, 128, 256):
-            specs += _flash_specs(head_dim, dtype)
-    specs += _flash_specs(128, torch.float16, causal=False) + _flash_specs(128, torch.float32)
+    for head_dim in (64, 80, 128, 256):
+        specs += _flash_specs(head_dim, torch.bfloat16)
+    specs += [s for s in _flash_specs(128, torch.float16) if "delta" not in s.name]
+    specs += [s for s in _flash_specs(128, torch.bfloat16, causal=False) if s.name.startswith("attn_fwd")]
     for head_dim, rows in ((64, 4), (128, 8), (128, 32), (256, 8)):
         specs += _decode_specs(head_dim, torch.bfloat16, rows)
     specs += _decode_specs(128, torch.float16, 1)
-    return specs
+    unique = {}
+    for spec in specs:  # one compile per distinct configuration
+        unique.setdefault((spec.name, spec.constexprs.get("IS_CAUSAL")), spec)
+    return list(unique.values())

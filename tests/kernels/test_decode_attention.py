@@ -47,7 +47,7 @@ def test_decode_bf16_cuda(case):
 def test_decode_cpu_path(dtype, reference_kernels):
     if ON_CUDA:
         pytest.skip("CPU path only")
-    for case in CASES[:2]:
+    for case in CASES[:2] + [(2, 4, 8, 2, 50, 64, [50, 50]), (2, 1, 4, 4, 50, 32, [33, 33])]:  # ragged, equal
         check_decode(case, dtype)
 
 
