@@ -77,10 +77,13 @@ class Attention(nn.Module):
 
     def _decode(self, q, k, v, step: _Step):
         """Scatter the new K/V at each row's own positions, then attend over each row's valid prefix."""
-        k_cache, v_cache = step.cache.layer(self.layer_idx)  # each (B, S_max, Hkv, D)
-        index = step.positions[:, :, None, None].expand_as(k)  # (B, T, Hkv, D)
-        k_cache.scatter_(1, index, k)
-        v_cache.scatter_(1, index, v)
+        k_cache, v_cache = step.cache.layer(self.layer_idx)  # each (B, S_max, Hkv, D), one contiguous block
+        B, T, Hkv, D = k.shape
+        S = k_cache.shape[1]
+        # index_copy_ into the flattened (B * S_max) rows: CPU scatter_ is ~10x slower in bf16
+        rows = (step.positions + torch.arange(B, device=k.device)[:, None] * S).reshape(B * T)  # (B*T,)
+        k_cache.view(B * S, Hkv, D).index_copy_(0, rows, k.reshape(B * T, Hkv, D))
+        v_cache.view(B * S, Hkv, D).index_copy_(0, rows, v.reshape(B * T, Hkv, D))
         return decode_attention(q, k_cache, v_cache, step.seqlens_after)
 
     def _cached_prefill(self, q, k, v, step: _Step):
