@@ -18,6 +18,7 @@ mean does not cancel); the chunked backward accumulates dW/dB in its program's p
 References: flash-attention ops/triton/layer_norm.py, Liger-Kernel ops/rms_norm.py, Triton tutorial 05.
 """
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -259,10 +260,10 @@ def _rows(t: torch.Tensor, N: int) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[0] == 0 else t.contiguous()
 
 
-def _num_programs_bwd(device: torch.device, M: int, cfg: _LaunchConfig) -> int:
-    """Enough programs to fill the GPU a few times over; each writes one dW partial row."""
-    slots = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(min(triton.cdiv(M, cfg.block_m), slots), 1)
+@functools.lru_cache(maxsize=None)
+def _program_slots(device: torch.device) -> int:
+    """Backward programs: enough to fill the GPU a few times over (each writes one dW/dB partial row)."""
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
 def _norm_forward(x2, w, b, r2, eps, is_rms):
@@ -275,10 +276,12 @@ def _norm_forward(x2, w, b, r2, eps, is_rms):
     if M == 0:
         return y, h, mean, rstd
     cfg = _launch_config(N)
-    r_, h_, b_, mean_ = (r2 if r2 is not None else x2), (h if h is not None else y), (b if b is not None else w), \
-        (mean if not is_rms else rstd)
+    w = w.contiguous()
+    # absent optional tensors: pass any valid pointer; the constexpr flags keep the kernel off it
+    r_, h_ = (r2, h) if r2 is not None else (x2, y)
+    b_ = b.contiguous() if b is not None else w
     common = dict(IS_RMS=is_rms, HAS_BIAS=b is not None, HAS_RESIDUAL=r2 is not None, num_warps=cfg.num_warps)
-    args = (x2, r_, w, b_, y, h_, mean_, rstd, x2.stride(0), r_.stride(0), y.stride(0), h_.stride(0))
+    args = (x2, r_, w, b_, y, h_, rstd if is_rms else mean, rstd, x2.stride(0), r_.stride(0), y.stride(0), h_.stride(0))
     if cfg.chunked:
         _norm_fwd_chunked[(M,)](*args, N, eps, BLOCK_N=cfg.block_n, **common)
     else:
@@ -291,7 +294,7 @@ def _norm_backward(dy2, dh2, h2, w, mean, rstd, has_bias, is_rms):
     """dy2, dh2 (or None), h2: (M, N). Returns dx (M, N) in h's dtype, dw fp32 (N,), db fp32 (N,) or None."""
     M, N = h2.shape
     cfg = _launch_config(N, backward=True)
-    programs = _num_programs_bwd(h2.device, M, cfg)
+    programs = max(min(triton.cdiv(M, cfg.block_m), _program_slots(h2.device)), 1)
     rows_per_program = max(triton.cdiv(triton.cdiv(M, programs), cfg.block_m), 1) * cfg.block_m
     programs = max(triton.cdiv(M, rows_per_program), 1)
     dx = _empty((M, N), h2.dtype, h2.device)
@@ -302,7 +305,7 @@ def _norm_backward(dy2, dh2, h2, w, mean, rstd, has_bias, is_rms):
         db_part.zero_()
     if M > 0:
         dh_ = dh2 if dh2 is not None else dy2
-        args = (h2, w, dy2, dh_, dx, mean if not is_rms else rstd, rstd, dw_part, db_part,
+        args = (h2, w.contiguous(), dy2, dh_, dx, rstd if is_rms else mean, rstd, dw_part, db_part,
                 h2.stride(0), dy2.stride(0), dh_.stride(0), dx.stride(0), M, N, rows_per_program)
         common = dict(IS_RMS=is_rms, HAS_BIAS=has_bias, HAS_DH=dh2 is not None, num_warps=cfg.num_warps)
         if cfg.chunked:

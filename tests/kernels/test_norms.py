@@ -1,5 +1,6 @@
 """LayerNorm / RMSNorm kernels (fastlm.kernels.norms) under Triton's interpreter, against fp64 torch.
 
+With FASTLM_TEST_DEVICE=cuda (tests/conftest.py) the same tests run the compiled kernels on the GPU.
 Outputs and every gradient (x, residual, weight, bias, including a gradient flowing into the h output)
 are judged by the comparison rule: error vs fp64 <= 2 x the error plain torch makes in the same dtype
 (F.layer_norm; RMSNorm the way HF Llama computes it) + a small atol.
@@ -21,13 +22,13 @@ KINDS = ["layer_norm", "layer_norm_nobias", "rms_norm"]
 EPS = 1e-5
 
 
-def _inputs(kind, shape, dtype, residual):
+def _inputs(kind, shape, dtype, residual, device=None):
     """x with a non-zero mean (so centering matters), weight/bias around 1/0, optional residual."""
     N = shape[-1]
-    x = (torch.randn(shape) + 0.5).to(dtype)
-    w = (1 + 0.5 * torch.randn(N)).to(dtype)
-    b = (0.5 * torch.randn(N)).to(dtype) if kind == "layer_norm" else None
-    r = torch.randn(shape).to(dtype) if residual else None
+    x = (torch.randn(shape, device=device) + 0.5).to(dtype)
+    w = (1 + 0.5 * torch.randn(N, device=device)).to(dtype)
+    b = (0.5 * torch.randn(N, device=device)).to(dtype) if kind == "layer_norm" else None
+    r = torch.randn(shape, device=device).to(dtype) if residual else None
     return x, w, b, r
 
 
@@ -55,10 +56,10 @@ def _run(fn, leaves, grads):
     return outs, [t.grad if t is not None else None for t in leaves]
 
 
-def _check(kind, shape, dtype, residual, grads_for=("y", "h")):
-    x, w, b, r = _inputs(kind, shape, dtype, residual)
-    gy = torch.randn(shape).to(dtype) if "y" in grads_for else None
-    gh = torch.randn(shape).to(dtype) if residual and "h" in grads_for else None
+def _check(kind, shape, dtype, residual, grads_for=("y", "h"), device=None):
+    x, w, b, r = _inputs(kind, shape, dtype, residual, device)
+    gy = torch.randn(shape, device=device).to(dtype) if "y" in grads_for else None
+    gh = torch.randn(shape, device=device).to(dtype) if residual and "h" in grads_for else None
 
     def torch_fn(x, w, b, r):
         h = x if r is None else x + r
@@ -159,6 +160,8 @@ def test_non_contiguous_inputs(kind, N):
         y, h = _fastlm_norm(kind, xv, w, b, rv)
         y_ref, h_ref = _fastlm_norm(kind, xv.contiguous(), w, b, rv.contiguous())
         assert torch.equal(h, h_ref) and torch.equal(y, y_ref)
+    w_strided = torch.stack([w, torch.randn(N)], dim=1)[:, 0]  # a weight with stride 2
+    assert torch.equal(_fastlm_norm(kind, x, w_strided, b, None), _fastlm_norm(kind, x, w, b, None))
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
     _fastlm_norm(kind, xg, wg, b, None).sum().backward()  # dy is an expanded (stride 0) tensor
     x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
@@ -180,8 +183,8 @@ def test_empty_batch():
 @pytest.mark.parametrize("kind", KINDS)
 def test_cpu_reference_path(reference_kernels, kind, dtype, residual):
     """TRITON_INTERPRET=0 on CPU: the PyTorch reference runs, and meets the same rule."""
-    _check(kind, (3, 5, 131), dtype, residual)
-    x, w, b, r = _inputs(kind, (2, 33), dtype, residual)
+    _check(kind, (3, 5, 131), dtype, residual, device="cpu")
+    x, w, b, r = _inputs(kind, (2, 33), dtype, residual, device="cpu")
     ref = rms_norm_ref(x, w, EPS, r) if kind == "rms_norm" else layer_norm_ref(x, w, b, EPS, r)
     out = _fastlm_norm(kind, x, w, b, r)
     for a, e in zip(out if residual else (out,), ref if residual else (ref,)):
