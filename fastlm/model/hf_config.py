@@ -48,9 +48,7 @@ def _llama_family_kwargs(hf: dict, model_type: str) -> dict:
         raise ValueError(f"hidden_act {act!r} is not supported for {model_type}; supported: silu")
     rope_theta, rope_scaling = _read_rope(hf)
     attention_bias = bool(hf.get("attention_bias", False))
-    sliding = hf.get("sliding_window") if model_type == "mistral" else None
-    if model_type == "qwen2" and hf.get("use_sliding_window", False):
-        sliding = hf.get("sliding_window")
+    sliding = hf.get("sliding_window", defaults.get("sliding_window")) if _uses_sliding_window(hf, model_type) else None
     return dict(
         vocab_size=get("vocab_size"), dim=get("hidden_size", 4096), n_layer=get("num_hidden_layers", 32),
         n_head=get("num_attention_heads", 32), n_kv_head=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim"),
@@ -62,6 +60,18 @@ def _llama_family_kwargs(hf: dict, model_type: str) -> dict:
         mlp_bias=bool(hf.get("mlp_bias", False)) if model_type == "llama" else False,
         tie_embeddings=bool(get("tie_word_embeddings")), sliding_window=sliding,
     )
+
+
+def _uses_sliding_window(hf: dict, model_type: str) -> bool:
+    """Whether any layer attends through a sliding window (transformers 5 lists layer_types; before,
+    Mistral always did when sliding_window is set, Qwen2 only with use_sliding_window, on the layers
+    from max_window_layers on)."""
+    if isinstance(hf.get("layer_types"), list):
+        return "sliding_attention" in hf["layer_types"]
+    if model_type == "mistral":
+        return True
+    n_layer = hf.get("num_hidden_layers", 32)
+    return model_type == "qwen2" and bool(hf.get("use_sliding_window")) and hf.get("max_window_layers", 28) < n_layer
 
 
 def _read_rope(hf: dict):

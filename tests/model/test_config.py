@@ -120,3 +120,14 @@ def test_direct_construction_defaults_and_validation():
         ModelConfig(norm="batchnorm")
     with pytest.raises(ValueError, match="cannot be saved as model_type 'gpt2'"):
         ModelConfig(model_type="gpt2").to_hf()  # Llama-style fields under a gpt2 label
+
+
+def test_qwen2_sliding_layers_cap_max_seq_len():
+    cfg = ModelConfig.from_hf(hf_dict("qwen2", hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                                      num_hidden_layers=4, use_sliding_window=True, sliding_window=16,
+                                      max_window_layers=2))
+    assert cfg.max_seq_len == 16
+    legacy = {"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 4,
+              "use_sliding_window": True, "sliding_window": 16}
+    assert ModelConfig.from_hf({**legacy, "max_window_layers": 4}).max_seq_len == 32768  # no sliding layer
+    assert ModelConfig.from_hf({**legacy, "max_window_layers": 1}).max_seq_len == 16

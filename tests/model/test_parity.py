@@ -56,15 +56,16 @@ def test_bf16_logits_within_comparison_rule(name, checkpoints, reference_kernels
 @pytest.mark.parametrize("name", ["gpt2_tied_hd16", "llama_gqa_hd16"])
 def test_triton_kernels_under_interpreter(name, checkpoints):
     """End to end through the real Triton kernels (the default test env runs them in the interpreter):
-    a no-cache forward, then a cached prefill + a decode step."""
+    a no-cache forward; then through a cache: a prefill (flash), a second prefill attending to the
+    first through strided cache slices (flash), a 3-token and a 1-token step (decode)."""
     folder, hf = checkpoints(name)
     model = Transformer.from_pretrained(folder)
-    ids = random_batch(2, 6)
+    ids = random_batch(2, 22)
     with torch.no_grad():
         expected = hf(ids).logits
         full = model(ids)
-        cache = model.new_cache(2, 16)
-        stepped = torch.cat([model(ids[:, :5], cache=cache), model(ids[:, 5:], cache=cache)], dim=1)
+        cache = model.new_cache(2, 24)
+        stepped = torch.cat([model(ids[:, a:b], cache=cache) for a, b in ((0, 9), (9, 18), (18, 21), (21, 22))], dim=1)
     assert rel_err(full, expected) <= 1e-4
     assert rel_err(stepped, expected) <= 1e-4
 
