@@ -49,8 +49,8 @@ class KVCache(torch.nn.Module):
         return self.k.device
 
     def select(self, rows) -> "KVCache":
-        """A cache over some rows (a slice, or a 1-D index... only slices keep shared storage), sharing
-        buffers and lengths with this one: writes through the view land here."""
+        """A cache over a contiguous slice of rows, sharing buffers and lengths with this one: K/V
+        written and lengths advanced through the view land here (per-row prefill of a ragged batch)."""
         if not isinstance(rows, slice) or rows.step not in (None, 1):
             raise ValueError(f"rows must be a contiguous slice (e.g. slice(b, b + 1)), got {rows!r}")
         seqlens = self.seqlens[rows]

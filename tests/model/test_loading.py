@@ -70,6 +70,13 @@ def test_original_gpt2_names_and_mask_buffers(tmp_path):
     logits_match(copy_checkpoint(tmp_path / "src", tmp_path / "dst", rename), hf)
 
 
+def test_old_llama_inv_freq_buffers_are_ignored(llama_dir, tmp_path):
+    def add_buffers(t):
+        for i in range(2):
+            t[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.rand(8)
+    logits_match(copy_checkpoint(llama_dir[0], tmp_path / "dst", add_buffers), llama_dir[1])
+
+
 @pytest.mark.parametrize("edit, match", [
     (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), "missing tensor.*model.layers.1.mlp.up_proj.weight"),
     (lambda t: t.update({"model.layers.0.self_attn.extra.weight": torch.zeros(3)}), "unexpected tensor.*extra.weight"),
