@@ -332,6 +332,7 @@ class _NormFunction(torch.autograd.Function):
         return (y, h.view(x.shape)) if h is not None else y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dh=None):
         h2, weight, mean, rstd = ctx.saved_tensors
         N = h2.shape[1]
