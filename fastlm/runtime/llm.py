@@ -10,12 +10,14 @@ Context rule: a prompt must leave room to generate (prompt tokens < the model's 
 ValueError); max_new_tokens is clipped so that the longest prompt of the call plus its new tokens fit
 the context (generation then ends early, as at max_new_tokens).
 """
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
 
+from fastlm.runtime.cpu_linear import pack_linears, packing_available
 from fastlm.runtime.cuda_graph import make_decode_step
 from fastlm.runtime.generate import TokenLoop, check_prompt_ids, default_sync_every, new_token_budget
 from fastlm.runtime.sampling import SamplingParams
@@ -83,8 +85,10 @@ class LLM:
         path = resolve_model_path(model)
         self.path = path
         self.model = Transformer.from_pretrained(path, dtype=dtype, device=resolve_device(device))
-        self.tokenizer = load_tokenizer(path)
-        self.eos_token_ids = tuple(self.tokenizer.eos_token_ids or ())
+        if packing_available(self.model.dtype, self.model.device):
+            pack_linears(self.model)  # CPU bf16: weights prepacked for oneDNN (see cpu_linear.py)
+        self.tokenizer = load_tokenizer(path) if _has_tokenizer(path) else None
+        self.eos_token_ids = tuple(self.tokenizer.eos_token_ids or ()) if self.tokenizer else _config_eos_ids(path)
         self._workspaces = {}  # (batch, cache length) -> (KVCache, decode step)
 
     @property
@@ -127,6 +131,8 @@ class LLM:
         that completed the stop string (text cannot be cut inside a token)."""
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop or (), seed)
         prompts = check_prompt_ids(prompts, self.model.config.vocab_size)
+        if params.stop:
+            self._need_tokenizer()
         outputs = [[] for _ in prompts]
         for ids, _ in self._run(prompts, params, streaming=False, want_text=bool(params.stop)):
             for row, new in enumerate(ids):
@@ -134,11 +140,17 @@ class LLM:
         return outputs
 
     def _encode(self, texts: List[str]) -> List[List[int]]:
+        self._need_tokenizer()
         encoded = [list(self.tokenizer.encode(t)) for t in texts]
         for ids in encoded:
             if not ids:
                 raise ValueError("prompt must not be empty (empty prompt)")
         return encoded
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError(f"checkpoint {self.path} has no tokenizer (tokenizer.json or vocab.json + merges.txt); "
+                             "text and stop strings need one, generate_tokens() works without")
 
     def _run(self, prompts, params: SamplingParams, streaming: bool, want_text: bool):
         """Yields (new ids per row, new text per row) as generation proceeds; the text lists are
@@ -169,6 +181,21 @@ class LLM:
         cache, step = self._workspaces[key]
         cache.reset()
         return cache, step
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer.json").is_file() or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file())
+
+
+def _config_eos_ids(path: Path) -> tuple:
+    """eos ids from generation_config.json / config.json when there is no tokenizer."""
+    for name in ("generation_config.json", "config.json"):
+        file = path / name
+        if file.is_file():
+            eos = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
+            if eos is not None:
+                return tuple(eos) if isinstance(eos, list) else (eos,)
+    return ()
 
 
 def _add_text(loop: TokenLoop, texts: List[SequenceText], chunk: List[List[int]]):

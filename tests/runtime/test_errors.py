@@ -121,3 +121,17 @@ def test_cli_bench_errors(checkpoints, capsys):
     code, _, err = run_cli(capsys, "bench", "--model", str(checkpoints["gpt2"][0]), "--prompt-len", "90",
                            "--new-tokens", "50")
     assert code == 2 and "exceeds the model's context" in err
+
+
+def test_checkpoint_without_tokenizer_generates_tokens_only(checkpoints, llms, reference_kernels, tmp_path):
+    import shutil
+
+    source = checkpoints["gpt2"][0]
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(source / name, tmp_path / name)
+    bare = fastlm.LLM(str(tmp_path), dtype="float32")
+    assert bare.tokenizer is None and bare.eos_token_ids == llms["gpt2"].eos_token_ids
+    expected = llms["gpt2"].generate_tokens([[5, 6, 7]], max_new_tokens=6, temperature=0)
+    assert bare.generate_tokens([[5, 6, 7]], max_new_tokens=6, temperature=0) == expected
+    with pytest.raises(ValueError, match="has no tokenizer"):
+        bare.generate("hello")
