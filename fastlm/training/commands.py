@@ -38,7 +38,8 @@ def _add_train_parser(subparsers):
     p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: final save only)")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoint-N folders kept (default 2)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue from the latest checkpoint in --out, or from the given checkpoint folder")
+                   help="continue from the latest checkpoint in --out, or from the given checkpoint folder; "
+                        "the schedule, batch shape, seed and data order come from the checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",

@@ -6,6 +6,7 @@ repeats exactly what the uninterrupted run would have done.
 """
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -97,6 +98,8 @@ class Trainer:
         eval_loss_final = self._evaluate() if self.eval_blocks is not None else None
         if eval_loss_final is not None:
             self.state["eval_history"].append({"step": self.state["step"], "eval_loss": eval_loss_final})
+            self._append_log({"step": self.state["step"], "eval_loss": eval_loss_final,
+                              "eval_perplexity": math.exp(eval_loss_final)})
         self._save(self.out, optimizer=False)
         return TrainResult(
             steps=self.state["step"], tokens=self.state["tokens"], train_loss=train_loss, eval_loss=eval_loss_final,
@@ -163,7 +166,8 @@ class Trainer:
         self.state["eval_history"].append({"step": self.state["step"], "eval_loss": loss})
         self._append_log({"step": self.state["step"], "eval_loss": loss, "eval_perplexity": math.exp(loss)})
         if self.opts.progress:
-            bar.write(f"step {self.state['step']}: eval loss {loss:.4f}, perplexity {math.exp(loss):.2f}")
+            bar.write(f"step {self.state['step']}: eval loss {loss:.4f}, perplexity {math.exp(loss):.2f}",
+                      file=sys.stderr)
 
     def _evaluate(self):
         batch_size = self.opts.eval_batch_size or self.run_cfg["batch_size"]

@@ -43,5 +43,3 @@ def cpu_reference(request):
         mp.setenv("TRITON_INTERPRET", "0")
         yield
 
-
-TINY_RUN = dict(config="tiny", block_size=32, batch_size=8, lr=3e-3, warmup=5, progress=False, seed=0)

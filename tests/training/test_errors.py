@@ -3,7 +3,7 @@ import pytest
 
 import fastlm
 from fastlm.cli import main
-from tests.training.conftest import TINY_RUN
+from tests.training.runs import TINY_RUN
 
 
 @pytest.fixture

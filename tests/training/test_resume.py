@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import fastlm
-from tests.training.conftest import TINY_RUN
+from tests.training.runs import TINY_RUN
 
 RUN = dict(TINY_RUN, steps=8, save_every=4, log_every=1, grad_accum=2, device="cpu")
 

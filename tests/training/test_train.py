@@ -9,7 +9,7 @@ import torch
 
 import fastlm
 from fastlm.cli import main
-from tests.training.conftest import TINY_RUN
+from tests.training.runs import TINY_RUN
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +77,12 @@ def test_cli_train_from_scratch_trains_its_own_tokenizer(corpus, tmp_path, capsy
     out = tmp_path / "cli"
     code = main(["train", "--data", str(corpus[0]), "--eval", str(corpus[1]), "--config", "tiny", "--vocab-size",
                  "300", "--out", str(out), "--steps", "4", "--block-size", "16", "--batch-size", "4",
-                 "--grad-accum", "2", "--device", "cpu", "--no-progress"])
+                 "--grad-accum", "2", "--device", "cpu", "--eval-every", "2"])
     assert code == 0
-    printed = capsys.readouterr().out
-    assert "trained 4 steps, 512 tokens" in printed and "perplexity" in printed
+    captured = capsys.readouterr()
+    assert "trained 4 steps, 512 tokens" in captured.out and "perplexity" in captured.out
+    # The progress bar (stderr) shows loss, learning rate and tokens/s; periodic evals print a line.
+    assert all(key in captured.err for key in ("loss=", "lr=", "tok_s=", "step 2: eval loss"))
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and config["vocab_size"] == 320  # 300 rounded up to 64
     assert json.loads((out / "tokenizer.json").read_text())["model"]["type"] == "BPE"
@@ -106,6 +108,6 @@ def test_fine_tune_a_transformers_gpt2(corpus, tokenizer_dir, tmp_path, referenc
 
 def test_bf16_autocast_when_asked_on_cpu(corpus, tokenizer_dir, tmp_path, reference_kernels):
     result = fastlm.train(data=corpus[0], tokenizer=tokenizer_dir, out=tmp_path / "bf16", steps=3,
-                          precision="bf16", device="cpu", **{**TINY_RUN, "progress": False})
+                          precision="bf16", device="cpu", **TINY_RUN)
     assert math.isfinite(result.train_loss)
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "float32"  # fp32 master
