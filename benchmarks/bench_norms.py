@@ -82,7 +82,7 @@ def bench_pair(name, M, N, dtype, device, backward, quick):
 
     fns = {provider: timed(make_op(name, provider)) for provider in ("fastlm", "torch")}
     with torch.set_grad_enabled(backward):
-        return time_ms_each(fns, device, warmup=1 if quick else 2, reps=5 if quick else 20)
+        return time_ms_each(fns, device, warmup=1 if quick else 2, reps=5 if quick else 20, cuda_ms=20 if quick else 50)
 
 
 def check_agreement(name, M, N, dtype, device):
@@ -119,12 +119,13 @@ def run(args):
                 for backward in (False, True):
                     mode = "fwd+bwd" if backward else "fwd"
                     times = bench_pair(name, M, N, dtype, device, backward, args.quick)
-                    gbps = {}
-                    for provider, ms in times.items():
-                        gbps[provider] = traffic_bytes(name, M, N, dtype, backward) / (ms * 1e-3) / 1e9
-                        rows.append(dict(op=name, mode=mode, dtype=str(dtype)[6:], N=N, rows=M, provider=provider,
-                                         ms=round(ms, 4), GBps=round(gbps[provider], 2),
-                                         frac_of_copy=round(gbps[provider] / copy_gbps, 3)))
+                    nbytes = traffic_bytes(name, M, N, dtype, backward)
+                    gbps = {provider: nbytes / (ms * 1e-3) / 1e9 for provider, ms in times.items()}
+                    rows.append(dict(op=name, mode=mode, dtype=str(dtype)[6:], N=N, rows=M,
+                                     fastlm_GBps=round(gbps["fastlm"], 2), torch_GBps=round(gbps["torch"], 2),
+                                     ratio_vs_torch=round(gbps["fastlm"] / gbps["torch"], 3),
+                                     fraction_of_copy=round(gbps["fastlm"] / copy_gbps, 3),
+                                     ms_fastlm=round(times["fastlm"], 4), ms_torch=round(times["torch"], 4)))
                     print(f"{name:<15} {mode:<8} {str(dtype)[6:]:<9} {N:>6} {M:>6} {gbps['fastlm']:>12.1f} "
                           f"{gbps['torch']:>11.1f} {gbps['fastlm'] / gbps['torch']:>6.2f} "
                           f"{gbps['fastlm'] / copy_gbps:>11.0%}", flush=True)
@@ -134,9 +135,10 @@ def run(args):
 def save(rows, copy_gbps, device, out):
     csv_path = write_csv(rows, os.path.join(out, f"bench_norms_{device.type}.csv"))
     print(f"wrote {csv_path}")
+    long = [dict(r, provider=p, GBps=r[f"{p}_GBps"]) for r in rows for p in ("fastlm", "torch")]
     for mode in ("fwd", "fwd+bwd"):
         for dtype in dict.fromkeys(r["dtype"] for r in rows):
-            sel = [r for r in rows if r["mode"] == mode and r["dtype"] == dtype]
+            sel = [r for r in long if r["mode"] == mode and r["dtype"] == dtype]
             path = os.path.join(out, f"bench_norms_{device.type}_{mode.replace('+', '_')}_{dtype}.png")
             plot(sel, path, x="N", y="GBps", series=lambda r: f"{r['provider']} {r['op']}",
                  title=f"norms {mode}, {dtype}, {describe_device(device)}", xlabel="hidden size N",

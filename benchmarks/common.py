@@ -46,12 +46,13 @@ def synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn, device, *, warmup: int = 3, reps: int = 20, min_time_s: float = 0.0) -> float:
-    """Median wall time of fn() in milliseconds."""
+def time_ms(fn, device, *, warmup: int = 3, reps: int = 20, min_time_s: float = 0.0, cuda_ms: int = 100) -> float:
+    """Median wall time of fn() in milliseconds. CPU: `warmup` + `reps` calls (and at least
+    `min_time_s`); CUDA: do_bench with about `cuda_ms` ms of repetitions after cuda_ms/4 of warmup."""
     if torch.device(device).type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=max(cuda_ms // 4, 1), rep=cuda_ms, return_mode="median"))
     for _ in range(warmup):
         fn()
     times, start = [], time.perf_counter()
@@ -62,11 +63,11 @@ def time_ms(fn, device, *, warmup: int = 3, reps: int = 20, min_time_s: float = 
     return statistics.median(times)
 
 
-def time_ms_each(fns: dict, device, *, warmup: int = 2, reps: int = 20) -> dict:
+def time_ms_each(fns: dict, device, *, warmup: int = 2, reps: int = 20, cuda_ms: int = 100) -> dict:
     """Median ms of each of several candidates {name: fn}. On CPU the calls interleave (a, b, a, b, ...)
     so that load from other processes on a shared machine falls on every candidate alike."""
     if torch.device(device).type == "cuda":
-        return {name: time_ms(fn, device) for name, fn in fns.items()}
+        return {name: time_ms(fn, device, cuda_ms=cuda_ms) for name, fn in fns.items()}
     for fn in fns.values():
         for _ in range(warmup):
             fn()
