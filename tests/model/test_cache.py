@@ -36,6 +36,16 @@ def test_cached_forward_equals_full_forward(model, chunks):
 
 
 @torch.no_grad()
+def test_last_only_returns_the_last_position(model):
+    ids = torch.randint(0, VOCAB, (2, 11))
+    full = model(ids)
+    assert rel_err(model(ids, last_only=True), full[:, -1:]) <= 1e-6
+    cache = model.new_cache(2, 16)
+    assert rel_err(model(ids, cache=cache, last_only=True), full[:, -1:]) <= 1e-5
+    assert cache.seqlens.tolist() == [11, 11]
+
+
+@torch.no_grad()
 def test_ragged_rows_share_one_cache(model):
     """Rows of different prompt lengths: prefill each through select(), then decode them together."""
     lengths, n_decode = [3, 14, 9], 4
