@@ -39,6 +39,7 @@ class KernelSpec:
     num_stages: int = 3
     expect_mma: bool = False  # assert tensor-core instructions in the SASS
     attrs: dict = None  # ASTSource attrs, e.g. {(0,): [["tt.divisibility", 16]]}: the runtime's specialization
+    targets: tuple = TARGETS  # the archs whose launcher picks this configuration
 
 
 @dataclasses.dataclass
@@ -102,7 +103,8 @@ def all_specs(modules=KERNEL_MODULES):
 
 
 def compile_all(name_filter: str = "", modules=KERNEL_MODULES):
-    return [compile_spec(s, arch) for s in all_specs(modules) if name_filter in s.name for arch in TARGETS]
+    return [compile_spec(s, arch) for s in all_specs(modules) if name_filter in s.name
+            for arch in TARGETS if arch in s.targets]
 
 
 def _print_report(results):
