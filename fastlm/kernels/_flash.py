@@ -37,6 +37,15 @@ def _store_rows(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: 
 
 
 @triton.jit
+def _query_block(IS_CAUSAL: tl.constexpr):
+    """Causal: the last query blocks see the most keys, so launch them first (shorter tail)."""
+    if IS_CAUSAL:
+        return tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        return tl.program_id(0)
+
+
+@triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d,
                     lo, hi, seqlen_k, causal_offset, qk_scale,
                     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -78,7 +87,7 @@ def _attn_fwd(Q, K, V, O, LSE,  # q/o (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), LSE (
               qk_scale,  # softmax_scale * log2(e)
               IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = _query_block(IS_CAUSAL) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // n_q_heads
     h = bh % n_q_heads
@@ -199,7 +208,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,  # q/do/dq (B,Sq,Hq,D); k/v (B,Sk,
                  IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """dQ of one query block, iterating over the key blocks it can see."""
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = _query_block(IS_CAUSAL) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // n_q_heads
     h = bh % n_q_heads

@@ -22,6 +22,7 @@ with an explicit mask), or the Triton kernels under TRITON_INTERPRET=1.
 References: Dao et al., FlashAttention-2 (2023); Triton's fused-attention tutorial; flash-decoding.
 """
 import contextlib
+import functools
 import math
 
 import torch
@@ -145,16 +146,17 @@ def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: no silent TF32
 
 
-def flash_fwd_config(head_dim, dtype):
+def flash_fwd_config(head_dim, dtype, arch=80):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel: the largest tiles that
-    compile without register spills for both sm_80 and sm_90 (see compile_specs)."""
+    compile without register spills (see compile_specs). sm_80's mma keeps whole K/V tiles as
+    register fragments, so it takes BLOCK_N = 32 at D = 128; sm_90's wgmma reads them from shared memory."""
     block_d = _block_d(head_dim)
     if dtype == torch.float32:  # no tensor cores (IEEE fp32): small tiles
         return (16, 32, 4, 1) if block_d <= 128 else (16, 16, 4, 1)
     if block_d <= 64:
-        return 128, 64, 8, 3
+        return (128, 128, 8, 3) if arch >= 90 else (128, 64, 8, 3)
     if block_d <= 128:
-        return 128, 32, 8, 3
+        return (128, 64, 8, 3) if arch >= 90 else (128, 32, 8, 3)
     return 32, 32, 4, 2
 
 
@@ -206,6 +208,18 @@ def _device_guard(t):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index):
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def _arch(device):
+    """Compute capability as 80, 90, ...; the interpreter runs the sm_80 configurations."""
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 80
+
+
 def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -216,7 +230,7 @@ def _flash_fwd(q, k, v, causal, scale):
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     o = torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
-    block_m, block_n, warps, stages = flash_fwd_config(D, q.dtype)
+    block_m, block_n, warps, stages = flash_fwd_config(D, q.dtype, _arch(q.device))
     with _device_guard(q):
         _attn_fwd[(_cdiv(Sq, block_m), B * Hq)](
             q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
@@ -352,9 +366,15 @@ def _spec(name, fn, dtype, constexprs, warps, stages, expect_mma):
 def _flash_specs(head_dim, dtype, causal=True):
     shape = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim))
     tag = f"D={head_dim},{str(dtype).replace('torch.', '')}{'' if causal else ',full'}"
-    bm, bn, warps, stages = flash_fwd_config(head_dim, dtype)
-    blocks = dict(IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, PREC=_dot_precision(dtype), **shape)
-    specs = [_spec(f"attn_fwd[{tag},{bm}x{bn},w{warps}]", _attn_fwd, dtype, blocks, warps, stages, True)]
+    blocks = dict(IS_CAUSAL=causal, PREC=_dot_precision(dtype), **shape)
+    configs = {arch: flash_fwd_config(head_dim, dtype, arch) for arch in (80, 90)}
+    specs = []
+    for config in dict.fromkeys(configs.values()):
+        bm, bn, warps, stages = config
+        spec = _spec(f"attn_fwd[{tag},{bm}x{bn},w{warps}]", _attn_fwd, dtype, dict(blocks, BLOCK_M=bm, BLOCK_N=bn),
+                     warps, stages, True)
+        spec.targets = tuple(arch for arch, c in configs.items() if c == config)
+        specs.append(spec)
     for name, fn in (("dkdv", _attn_bwd_dkdv), ("dq", _attn_bwd_dq)):
         bm, bn, warps, stages = flash_bwd_config(head_dim, dtype, name)
         specs.append(_spec(f"attn_bwd_{name}[{tag},{bm}x{bn},w{warps}]", fn, dtype,
