@@ -166,8 +166,12 @@ def _fallback_function(module, name: str, registry):
     if name == "sdpa":
         return registry["sdpa"]
     if getattr(module, "reorder_and_upcast_attn", False):  # GPT-2's eager path has this variant
-        return lambda mod, q, k, v, mask, **kw: mod._upcast_and_reordered_attn(q, k, v, mask)
+        return _gpt2_reordered_attention
     return sys.modules[type(module).__module__].eager_attention_forward  # the modeling file's own
+
+
+def _gpt2_reordered_attention(module, query, key, value, attention_mask, **kwargs):
+    return module._upcast_and_reordered_attn(query, key, value, attention_mask)
 
 
 def _give_private_config(model) -> None:

@@ -21,7 +21,8 @@ def build(model_type, attn="sdpa", dtype=torch.float32, **overrides):
     """A tiny random *ForCausalLM of `model_type`, its attention implementation set to `attn`."""
     if model_type == "gpt2":
         kw = dict(n_embd=32, n_layer=LAYERS, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-                  attn_pdrop=0.0, scale_attn_by_inverse_layer_idx=True)  # a softmax scale per layer
+                  attn_pdrop=0.0, scale_attn_by_inverse_layer_idx=True,  # a softmax scale per layer
+                  bos_token_id=0, eos_token_id=0)
         config_cls, model_cls = transformers.GPT2Config, transformers.GPT2LMHeadModel
     else:
         kv_heads = {"llama": 2, "mistral": 2, "qwen2": 1}[model_type]  # GQA, GQA, MQA
@@ -82,9 +83,12 @@ def test_patched_model_matches_unpatched_fp32(model_type, attn, reference_kernel
     assert (report.flash_calls, report.fallback_calls) == (LAYERS, 0)
 
 
-@pytest.mark.parametrize("model_type,attn", [("llama", "sdpa"), ("gpt2", "eager")])
-def test_padding_mask_falls_back_to_previous_implementation(model_type, attn, reference_kernels):
-    original = build(model_type, attn)
+@pytest.mark.parametrize("model_type,attn,overrides", [
+    ("llama", "sdpa", {}),
+    ("gpt2", "eager", {"reorder_and_upcast_attn": True}),  # GPT-2's other eager path
+])
+def test_padding_mask_falls_back_to_previous_implementation(model_type, attn, overrides, reference_kernels):
+    original = build(model_type, attn, **overrides)
     patched = twin_of(original)
     report = patch(patched)
     ids = torch.randint(0, VOCAB, (2, 9))
@@ -200,6 +204,18 @@ def test_patching_twice_keeps_the_first_patch(reference_kernels):
     ids = torch.randint(0, VOCAB, (1, 8))
     torch.testing.assert_close(patched(ids).logits, original(ids).logits, **FP32_TOL)
     assert again.flash_calls == LAYERS
+
+
+def test_patched_model_saves_a_plain_checkpoint(tmp_path, reference_kernels):
+    original = build("llama")
+    patched = twin_of(original)
+    patch(patched)
+    patched.save_pretrained(tmp_path)
+    assert "fastlm" not in (tmp_path / "config.json").read_text()
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.config._attn_implementation == "sdpa"
+    ids = torch.randint(0, VOCAB, (1, 6))
+    torch.testing.assert_close(reloaded(ids).logits, original(ids).logits)
 
 
 def test_unsupported_models_raise():
