@@ -21,8 +21,8 @@ def _decode_split(Q, K, V, SEQLENS, O_PART, LSE_PART,  # q (B,Sq,Hq,D); caches (
                   n_splits, chunk, qk_scale,  # chunks per sequence, keys per chunk, softmax_scale * log2(e)
                   BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                   BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    split = tl.program_id(0)
-    bhk = tl.program_id(1).to(tl.int64)
+    bhk = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
     b = bhk // n_kv_heads
     hk = bhk % n_kv_heads
     # lengths are validated on the host when possible; clamp so a graph replay never reads past S_max

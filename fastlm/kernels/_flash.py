@@ -5,6 +5,8 @@ Scores live in the log2 domain: qk_scale = softmax_scale * log2(e), so exp2 repl
 saved log-sum-exp (LSE, (B, Hq, Sq) fp32) is m + log2(l). Fully masked rows (causal with Sq > Sk)
 get output 0 and LSE = +inf, so the backward's exp2(s - LSE) is 0 for them.
 Causal masks align bottom-right: query i sees keys j <= i + (Sk - Sq).
+Grids put (batch x heads) on axis 0 (no 65535 limit) and sequence blocks on axis 1; consecutive
+programs are neighbouring heads, which share K/V under GQA (L2 reuse).
 The host side (configs, launchers, autograd) is in attention.py.
 """
 import triton
@@ -40,9 +42,9 @@ def _store_rows(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: 
 def _query_block(IS_CAUSAL: tl.constexpr):
     """Causal: the last query blocks see the most keys, so launch them first (shorter tail)."""
     if IS_CAUSAL:
-        return tl.num_programs(0) - 1 - tl.program_id(0)
+        return tl.num_programs(1) - 1 - tl.program_id(1)
     else:
-        return tl.program_id(0)
+        return tl.program_id(1)
 
 
 @triton.jit
@@ -88,7 +90,7 @@ def _attn_fwd(Q, K, V, O, LSE,  # q/o (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), LSE (
               IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     start_m = _query_block(IS_CAUSAL) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)
     b = bh // n_q_heads
     h = bh % n_q_heads
     hk = h // group  # GQA: read the shared K/V head in place
@@ -134,8 +136,8 @@ def _attn_bwd_delta(O, DO, DELTA,  # o, do (B, Sq, H, D) same strides; DELTA (B,
                     n_heads, seqlen_q,  # H, Sq
                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta = rowsum(dO * O), the softmax-backward correction term."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+    start_m = tl.program_id(1) * BLOCK_M
+    bh = tl.program_id(0).to(tl.int64)
     b = bh // n_heads
     h = bh % n_heads
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -156,8 +158,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,  # q/do (B,Sq,Hq,D); k/v/dk/
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """dK, dV of one key block; loops over the query heads of its KV group, so GQA gradients are
     summed in registers (no atomics, no per-query-head copies)."""
-    start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1).to(tl.int64)
+    start_n = tl.program_id(1) * BLOCK_N
+    bhk = tl.program_id(0).to(tl.int64)
     b = bhk // n_kv_heads
     hk = bhk % n_kv_heads
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -209,7 +211,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,  # q/do/dq (B,Sq,Hq,D); k/v (B,Sk,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """dQ of one query block, iterating over the key blocks it can see."""
     start_m = _query_block(IS_CAUSAL) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)
     b = bh // n_q_heads
     h = bh % n_q_heads
     hk = h // group

@@ -232,7 +232,7 @@ def _flash_fwd(q, k, v, causal, scale):
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     block_m, block_n, warps, stages = flash_fwd_config(D, q.dtype, _arch(q.device))
     with _device_guard(q):
-        _attn_fwd[(_cdiv(Sq, block_m), B * Hq)](
+        _attn_fwd[(B * Hq, _cdiv(Sq, block_m))](
             q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             Hq, Hq // Hkv, Sq, Sk, scale * LOG2E, IS_CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n,
             HEAD_DIM=D, BLOCK_D=_block_d(D), PREC=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
@@ -248,14 +248,14 @@ def _flash_bwd(do, q, k, v, o, lse, causal, scale):
     shape = dict(HEAD_DIM=D, BLOCK_D=_block_d(D))
     common = dict(IS_CAUSAL=causal, PREC=_dot_precision(q.dtype), **shape)
     with _device_guard(q):
-        _attn_bwd_delta[(_cdiv(Sq, DELTA_BLOCK_M), B * Hq)](o, do, delta, *o.stride()[:3], Hq, Sq,
+        _attn_bwd_delta[(B * Hq, _cdiv(Sq, DELTA_BLOCK_M))](o, do, delta, *o.stride()[:3], Hq, Sq,
                                                               BLOCK_M=DELTA_BLOCK_M, num_warps=4, **shape)
         block_m, block_n, warps, stages = flash_bwd_config(D, q.dtype, "dkdv")
-        _attn_bwd_dkdv[(_cdiv(Sk, block_n), B * Hkv)](
+        _attn_bwd_dkdv[(B * Hkv, _cdiv(Sk, block_n))](
             q, k, v, do, dk, dv, lse, delta, *q.stride()[:3], *k.stride()[:3], Hkv, Hq // Hkv, Sq, Sk,
             scale * LOG2E, scale, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
         block_m, block_n, warps, stages = flash_bwd_config(D, q.dtype, "dq")
-        _attn_bwd_dq[(_cdiv(Sq, block_m), B * Hq)](
+        _attn_bwd_dq[(B * Hq, _cdiv(Sq, block_m))](
             q, k, v, do, dq, lse, delta, *q.stride()[:3], *k.stride()[:3], Hq, Hq // Hkv, Sq, Sk,
             scale * LOG2E, scale, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
     return dq, dk, dv
@@ -273,7 +273,7 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, scale):
     lse_part = torch.empty((B, Sq, Hq, n_splits), dtype=torch.float32, device=q.device)
     o = torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=q.device)
     with _device_guard(q):
-        _decode_split[(n_splits, B * Hkv, _cdiv(group * Sq, block_h))](
+        _decode_split[(B * Hkv, n_splits, _cdiv(group * Sq, block_h))](
             q, k_cache, v_cache, cache_seqlens, o_part, lse_part, *q.stride()[:3], *k_cache.stride()[:3],
             *v_cache.stride()[:3], Hkv, group, Sq, S_max, n_splits, chunk, scale * LOG2E,
             BLOCK_H=block_h, BLOCK_N=block_n, HEAD_DIM=D, BLOCK_D=_block_d(D), PREC=_dot_precision(q.dtype),
