@@ -149,19 +149,23 @@ def _attn_bwd_delta(O, DO, DELTA,  # o, do (B, Sq, H, D) same strides; DELTA (B,
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,  # q/do (B,Sq,Hq,D); k/v/dk/dv (B,Sk,Hkv,D); LSE/DELTA (B,Hq,Sq)
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,  # q/do (B,Sq,Hq,D); k/v (B,Sk,Hkv,D); LSE/DELTA (B,Hq,Sq)
                    stride_qb, stride_qs, stride_qh,  # strides of q and do
-                   stride_kb, stride_ks, stride_kh,  # strides of k, v, dk, dv
-                   n_kv_heads, group, seqlen_q, seqlen_k,  # Hkv, Hq // Hkv, Sq, Sk
+                   stride_kb, stride_ks, stride_kh,  # strides of k, v and of each dk/dv slice
+                   stride_split,  # dk/dv: (n_split, B, Sk, Hkv, D) partial sums, slice stride (0: one slice)
+                   n_kv_heads, group, heads_per_program, seqlen_q, seqlen_k,  # Hkv, Hq // Hkv, ., Sq, Sk
                    qk_scale, softmax_scale,  # softmax_scale * log2(e), softmax_scale
                    IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    """dK, dV of one key block; loops over the query heads of its KV group, so GQA gradients are
-    summed in registers (no atomics, no per-query-head copies)."""
+    """dK, dV of one key block, summed in registers over `heads_per_program` query heads of its KV
+    group (no atomics, no per-query-head copies). When the group is split over several programs
+    (small batch x KV heads: more parallelism), each writes its fp32 slice, summed on the host."""
     start_n = tl.program_id(1) * BLOCK_N
-    bhk = tl.program_id(0).to(tl.int64)
-    b = bhk // n_kv_heads
-    hk = bhk % n_kv_heads
+    n_split = group // heads_per_program
+    pid = tl.program_id(0).to(tl.int64)  # (b * Hkv + hk) * n_split + split
+    split = pid % n_split
+    b = pid // n_split // n_kv_heads
+    hk = pid // n_split % n_kv_heads
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -176,7 +180,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,  # q/do (B,Sq,Hq,D); k/v/dk/
         lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
     # Padded query rows load q = dO = 0 and padded key rows are never stored, so only the causal
     # mask is needed here; fully masked rows have LSE = +inf, hence p = 0.
-    for g in range(group):
+    for g in range(split * heads_per_program, (split + 1) * heads_per_program):
         h = hk * group + g
         bh = b * n_kv_heads * group + h
         q_off = b * stride_qb + h * stride_qh + (lo + offs_m)[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
@@ -197,8 +201,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,  # q/do (B,Sq,Hq,D); k/v/dk/
             dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
             q_ptrs += BLOCK_M * stride_qs
             do_ptrs += BLOCK_M * stride_qs
-    _store_rows(DK + kv_off, (dk * softmax_scale).to(DK.dtype.element_ty), offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D)
-    _store_rows(DV + kv_off, dv.to(DV.dtype.element_ty), offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D)
+    out_off = split * stride_split + kv_off
+    _store_rows(DK + out_off, (dk * softmax_scale).to(DK.dtype.element_ty), offs_n, seqlen_k, offs_d, HEAD_DIM,
+                BLOCK_D)
+    _store_rows(DV + out_off, dv.to(DV.dtype.element_ty), offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit

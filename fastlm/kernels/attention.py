@@ -220,6 +220,11 @@ def _arch(device):
         if device.type == "cuda" else 80
 
 
+def _sm_count(device):
+    """Streaming multiprocessors (an H100's 132 for the interpreter): sizes the split grids."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
 def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -251,14 +256,29 @@ def _flash_bwd(do, q, k, v, o, lse, causal, scale):
         _attn_bwd_delta[(B * Hq, _cdiv(Sq, DELTA_BLOCK_M))](o, do, delta, *o.stride()[:3], Hq, Sq,
                                                               BLOCK_M=DELTA_BLOCK_M, num_warps=4, **shape)
         block_m, block_n, warps, stages = flash_bwd_config(D, q.dtype, "dkdv")
-        _attn_bwd_dkdv[(B * Hkv, _cdiv(Sk, block_n))](
-            q, k, v, do, dk, dv, lse, delta, *q.stride()[:3], *k.stride()[:3], Hkv, Hq // Hkv, Sq, Sk,
-            scale * LOG2E, scale, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
+        n_split = dkdv_group_splits(B * Hkv * _cdiv(Sk, block_n), Hq // Hkv, _sm_count(q.device))
+        if n_split > 1:  # fp32 partial sums over slices of each GQA group, added below
+            dk = torch.empty((n_split,) + k.shape, dtype=torch.float32, device=k.device)
+            dv = torch.empty_like(dk)
+        _attn_bwd_dkdv[(B * Hkv * n_split, _cdiv(Sk, block_n))](
+            q, k, v, do, dk, dv, lse, delta, *q.stride()[:3], *k.stride()[:3], dk.stride(0) if n_split > 1 else 0,
+            Hkv, Hq // Hkv, Hq // Hkv // n_split, Sq, Sk, scale * LOG2E, scale,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
+        if n_split > 1:
+            dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
         block_m, block_n, warps, stages = flash_bwd_config(D, q.dtype, "dq")
         _attn_bwd_dq[(B * Hq, _cdiv(Sq, block_m))](
             q, k, v, do, dq, lse, delta, *q.stride()[:3], *k.stride()[:3], Hq, Hq // Hkv, Sq, Sk,
             scale * LOG2E, scale, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
     return dq, dk, dv
+
+
+def dkdv_group_splits(programs, group, n_sms):
+    """Split each GQA group over 2, 4, ... dK/dV programs while there are fewer than two per SM."""
+    n_split = 1
+    while group % (2 * n_split) == 0 and programs * n_split < 2 * n_sms:
+        n_split *= 2
+    return n_split
 
 
 def _decode_triton(q, k_cache, v_cache, cache_seqlens, scale):
@@ -267,7 +287,7 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, scale):
     group = Hq // Hkv
     q, k_cache, v_cache = (_last_dim_contiguous(t) for t in (q, k_cache, v_cache))
     block_h, block_n, warps, stages = decode_config(D, q.dtype, group * Sq)
-    n_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
+    n_sms = _sm_count(q.device)
     n_splits, chunk = decode_splits(B, Hkv, S_max, block_n, n_sms)
     o_part = torch.empty((B, Sq, Hq, n_splits, D), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B, Sq, Hq, n_splits), dtype=torch.float32, device=q.device)
@@ -342,12 +362,12 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None):
 # Ahead-of-time compile specs (fastlm.kernels.compile_check): the configurations the launchers pick
 
 
-def _spec(name, fn, dtype, constexprs, warps, stages, expect_mma):
+def _spec(name, fn, dtype, constexprs, warps, stages, expect_mma, fp32_outputs=()):
     import inspect
 
     from fastlm.kernels.compile_check import KernelSpec
 
-    fp32_ptrs = {"LSE", "DELTA", "O_PART", "LSE_PART"}
+    fp32_ptrs = {"LSE", "DELTA", "O_PART", "LSE_PART"} | set(fp32_outputs)
     signature, attrs = {}, {}
     for i, arg in enumerate(inspect.signature(getattr(fn, "fn", fn)).parameters):
         if arg not in constexprs and (arg.isupper() or arg.startswith("stride")):  # as the runtime specializes aligned pointers, strides
@@ -384,6 +404,15 @@ def _flash_specs(head_dim, dtype, causal=True):
     return specs
 
 
+def _dkdv_split_spec(head_dim, dtype):
+    """The dK/dV kernel writing fp32 partial sums (GQA group split over programs)."""
+    bm, bn, warps, stages = flash_bwd_config(head_dim, dtype, "dkdv")
+    constexprs = dict(IS_CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn, PREC=_dot_precision(dtype), HEAD_DIM=head_dim,
+                      BLOCK_D=_block_d(head_dim))
+    return _spec(f"attn_bwd_dkdv[D={head_dim},{str(dtype).replace('torch.', '')},{bm}x{bn},w{warps},split]",
+                 _attn_bwd_dkdv, dtype, constexprs, warps, stages, True, fp32_outputs=("DK", "DV"))
+
+
 def _decode_specs(head_dim, dtype, rows):
     shape = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim))
     tag = f"D={head_dim},{str(dtype).replace('torch.', '')}"
@@ -402,6 +431,7 @@ def compile_specs():
         specs += _flash_specs(head_dim, torch.bfloat16)
     specs += [s for s in _flash_specs(128, torch.float16) if "delta" not in s.name]
     specs += [s for s in _flash_specs(128, torch.bfloat16, causal=False) if s.name.startswith("attn_fwd")]
+    specs += [_dkdv_split_spec(64, torch.bfloat16), _dkdv_split_spec(128, torch.bfloat16)]
     for head_dim, rows in ((64, 4), (128, 8), (128, 32), (256, 8)):
         specs += _decode_specs(head_dim, torch.bfloat16, rows)
     specs += _decode_specs(128, torch.float16, 1)

@@ -115,6 +115,18 @@ def test_backward_bf16_cuda(case):
     check_backward(case, torch.bfloat16)
 
 
+@pytest.mark.parametrize("n_sms", [1, 10**6])
+def test_backward_gqa_group_split(n_sms, monkeypatch):
+    """dK/dV summed over a whole GQA group in one program (many SMs busy already) and split over
+    programs into fp32 partial sums (few programs)."""
+    from fastlm.kernels import attention
+
+    monkeypatch.setattr(attention, "_sm_count", lambda device: n_sms)
+    expected = 1 if n_sms == 1 else 8
+    assert attention.dkdv_group_splits(3, 8, n_sms) == expected
+    check_backward((1, 37, 45, 8, 1, 32, True), torch.float16)
+
+
 def test_strided_inputs_and_scale():
     """q, k, v as views into one packed qkv projection (no copies); a custom softmax scale."""
     qkv = torch.randn(2, 37, 3, 4, 64, dtype=torch.float16)  # (B, S, 3, H, D)
