@@ -5,7 +5,7 @@
   per sequence; SDPA attends over the cache slice [0, L) (GQA by enable_gqa, no copies).
 Ceilings measured in the same run: a large matmul (FLOP/s) and a large copy (GB/s).
 
-    python benchmarks/bench_attention.py                 # GPU: 1k..16k prefill, 1k..128k decode
+    python benchmarks/bench_attention.py                 # GPU: 1k..16k prefill, 1k..128k decode (bf16)
     python benchmarks/bench_attention.py --quick --device cpu   # plumbing check (torch CPU path)
 """
 import os
@@ -94,8 +94,9 @@ def main(argv=None):
     device = check_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if device.type == "cuda":
-        seqlens = [1024, 4096, 16384] if args.quick else [1024, 2048, 4096, 8192, 16384]
-        contexts = [1024, 32768] if args.quick else [1024, 4096, 16384, 32768, 65536, 131072]
+        # sized for gpu_check's budget (~90 s with compiles): the issue's targets are 4k-16k and 32k
+        seqlens = [4096, 16384] if args.quick else [1024, 4096, 8192, 16384]
+        contexts = [1024, 32768] if args.quick else [1024, 4096, 32768, 131072]
         prefill = dict(tokens=16384, heads=16, head_dim=128)
         decode = dict(batch=1, q_heads=32, kv_heads=8, head_dim=128)
     else:  # plumbing only: the CPU path is torch itself

@@ -17,11 +17,14 @@ CASES = [
 ]
 
 
-def check_decode(case, dtype):
+def check_decode(case, dtype, packed_cache=False):
     B, Sq, Hq, Hkv, S_max, D, lengths = case
     q = torch.randn(B, Sq, Hq, D, dtype=dtype)
-    k_cache = torch.randn(B, S_max, Hkv, D, dtype=dtype)
-    v_cache = torch.randn(B, S_max, Hkv, D, dtype=dtype)
+    if packed_cache:  # K and V as strided views of one (B, S_max, 2, Hkv, D) buffer
+        k_cache, v_cache = torch.randn(B, S_max, 2, Hkv, D, dtype=dtype).unbind(2)
+    else:
+        k_cache = torch.randn(B, S_max, Hkv, D, dtype=dtype)
+        v_cache = torch.randn(B, S_max, Hkv, D, dtype=dtype)
     seqlens = torch.tensor(lengths, dtype=torch.int32)
     out = decode_attention(q, k_cache, v_cache, seqlens)
     positions = seqlens[:, None].long() - Sq + torch.arange(Sq)  # (B, Sq)
@@ -35,6 +38,10 @@ def check_decode(case, dtype):
 @pytest.mark.parametrize("case", CASES)
 def test_decode(case, dtype):
     check_decode(case, dtype)
+
+
+def test_decode_strided_cache():
+    check_decode((2, 2, 4, 2, 100, 64, [100, 2]), torch.float16, packed_cache=True)
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="the interpreter cannot do bf16 arithmetic in tl.dot (triton#11584)")
