@@ -127,6 +127,25 @@ def test_backward_gqa_group_split(n_sms, monkeypatch):
     check_backward((1, 37, 45, 8, 1, 32, True), torch.float16)
 
 
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Every float buffer the launchers allocate starts as NaN, so an element a kernel fails to
+    write shows up as non-finite output."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
+
+
+@pytest.mark.parametrize("case", [(2, 37, 45, 4, 1, 80, True), (1, 45, 37, 2, 2, 80, False)])
+def test_outputs_fully_written(case, poisoned_outputs):
+    check_forward(case, torch.float16)
+    check_backward(case, torch.float16)
+
+
 def test_strided_inputs_and_scale():
     """q, k, v as views into one packed qkv projection (no copies); a custom softmax scale."""
     qkv = torch.randn(2, 37, 3, 4, 64, dtype=torch.float16)  # (B, S, 3, H, D)

@@ -5,7 +5,7 @@ import torch
 from fastlm.kernels import decode_attention
 from fastlm.kernels.attention import decode_splits
 from tests.compare import assert_close_by_rule
-from tests.kernels.test_attention import ATOL, ON_CUDA, attention_plain
+from tests.kernels.test_attention import ATOL, ON_CUDA, attention_plain, poisoned_outputs  # noqa: F401
 
 # (B, Sq, Hq, Hkv, S_max, D, lengths): lengths include 1 (or Sq) and S_max; group x Sq rows from 1 to 128
 CASES = [
@@ -38,6 +38,10 @@ def check_decode(case, dtype, packed_cache=False):
 @pytest.mark.parametrize("case", CASES)
 def test_decode(case, dtype):
     check_decode(case, dtype)
+
+
+def test_decode_outputs_fully_written(poisoned_outputs):
+    check_decode((2, 3, 6, 2, 150, 80, [150, 3]), torch.float16)
 
 
 def test_decode_strided_cache():
