@@ -40,7 +40,8 @@ def test_decode(case, dtype):
     check_decode(case, dtype)
 
 
-def test_decode_outputs_fully_written(poisoned_outputs):
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_decode_outputs_fully_written():
     check_decode((2, 3, 6, 2, 150, 80, [150, 3]), torch.float16)
 
 
