@@ -86,7 +86,7 @@ class LLM:
         self.path = path
         self.model = Transformer.from_pretrained(path, dtype=dtype, device=resolve_device(device))
         if packing_available(self.model.dtype, self.model.device):
-            pack_linears(self.model)  # CPU bf16: weights prepacked for oneDNN (see cpu_linear.py)
+            pack_linears(self.model)  # CPU: weights prepacked for oneDNN (see cpu_linear.py)
         self.tokenizer = load_tokenizer(path) if _has_tokenizer(path) else None
         self.eos_token_ids = tuple(self.tokenizer.eos_token_ids or ()) if self.tokenizer else _config_eos_ids(path)
         self._workspaces = {}  # (batch, cache length) -> (KVCache, decode step)
