@@ -4,10 +4,13 @@
 # Corpus: the Python standard library's own source (*.py under sysconfig's stdlib path, without test
 # directories, site-packages, the generated codec tables in encodings/ and pydoc_data's help text), one
 # file after another separated by <|endoftext|>, in sorted path order. Every 40th file is held out as
-# the evaluation text. A byte-level BPE tokenizer is trained on the training text by `fastlm train`.
+# the evaluation text. A byte-level BPE tokenizer (4096 tokens) is trained on the training text by
+# `fastlm train`, then the "default" preset (Llama-style, dim 128, 4 layers, 4 heads / 2 KV heads, context
+# 512, tied embeddings: 1.3M parameters) trains for 1000 steps of 8 x 512 tokens (4.1M tokens, ~1.4 epochs)
+# with bf16 autocast on the CPU (fp32 master weights; about 1.4x faster than fp32 on AVX512-BF16 cores).
 #
 # Usage: scripts/train_default_model.sh [WORK_DIR]   (default /tmp/fastlm_default_model)
-# Then copy WORK_DIR/out/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json,
+# Then copy WORK_DIR/out/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json,special_tokens_map.json,
 # generation_config.json} into fastlm/default_model/ (the script does it when COPY=1).
 set -euo pipefail
 
@@ -36,11 +39,13 @@ EOF
 
 cd "$REPO"
 python -m fastlm.cli train --data "$WORK/train.txt" --eval "$WORK/eval.txt" --config default \
-    --vocab-size 4096 --block-size 256 --batch-size 16 --steps 1500 --lr 3e-3 --warmup 100 --min-lr-ratio 0.1 \
-    --weight-decay 0.1 --eval-every 250 --save-every 250 --seed 0 --out "$WORK/out" ${RESUME:+--resume}
+    --vocab-size 4096 --block-size 512 --batch-size 8 --steps 1000 --lr 2e-3 --warmup 50 --min-lr-ratio 0.1 \
+    --weight-decay 0.1 --clip 1.0 --eval-every 250 --save-every 250 --precision bf16 --device cpu --seed 0 \
+    --out "$WORK/out" ${RESUME:+--resume}
 
 if [ "${COPY:-0}" = 1 ]; then
-    for f in config.json model.safetensors tokenizer.json tokenizer_config.json generation_config.json; do
+    for f in config.json model.safetensors tokenizer.json tokenizer_config.json special_tokens_map.json \
+             generation_config.json; do
         cp "$WORK/out/$f" "$REPO/fastlm/default_model/$f"
     done
 fi
