@@ -104,7 +104,7 @@ def test_cli_generate_streams_the_api_text(llms, checkpoints, reference_kernels,
     expected = llms["gpt2"].generate("Once upon", max_new_tokens=12, temperature=0)
     for extra in ([], ["--no-stream"]):
         code, out, err = run_cli(capsys, "generate", "Once upon", "--model", folder, "--max-new-tokens", "12",
-                                 "--temperature", "0", "--dtype", "float32", "--device", "cpu", *extra)
+                                 "--temperature", "0", "--dtype", "float32", "--device", str(llms["gpt2"].device), *extra)
         assert (code, out, err) == (0, expected + "\n", "")
 
 

@@ -56,14 +56,14 @@ def test_greedy_and_top_k_1_are_argmax():
     logits = torch.randn(4, 97)
     expected = logits.argmax(-1)
     assert torch.equal(next_tokens(logits, SamplingParams(temperature=0)), expected)
-    gen = make_generator(3, "cpu")
+    gen = make_generator(3, logits.device)
     assert torch.equal(next_tokens(logits, SamplingParams(temperature=1.5, top_k=1), gen), expected)
 
 
 def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])
     logits = probs.log().expand(40000, -1)
-    gen = make_generator(0, "cpu")
+    gen = make_generator(0, logits.device)
     tokens = next_tokens(logits, SamplingParams(temperature=1.0), gen)
     freq = torch.bincount(tokens, minlength=5).float() / tokens.numel()
     torch.testing.assert_close(freq, probs, rtol=0, atol=0.01)
@@ -73,16 +73,16 @@ def test_sampling_follows_the_distribution():
 def test_filtered_tokens_are_never_sampled():
     logits = torch.randn(1, 50).expand(5000, -1)
     allowed = torch.topk(logits[0], 3).indices
-    tokens = next_tokens(logits, SamplingParams(top_k=3), make_generator(1, "cpu"))
+    tokens = next_tokens(logits, SamplingParams(top_k=3), make_generator(1, logits.device))
     assert set(tokens.tolist()) == set(allowed.tolist())
 
 
 def test_seed_reproduces_and_different_seeds_differ():
     logits = torch.randn(8, 200)
     params = SamplingParams(temperature=1.0)
-    first = next_tokens(logits, params, make_generator(7, "cpu"))
-    again = next_tokens(logits, params, make_generator(7, "cpu"))
-    other = next_tokens(logits, params, make_generator(8, "cpu"))
+    first = next_tokens(logits, params, make_generator(7, logits.device))
+    again = next_tokens(logits, params, make_generator(7, logits.device))
+    other = next_tokens(logits, params, make_generator(8, logits.device))
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
 
