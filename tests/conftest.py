@@ -14,6 +14,11 @@ if not ON_CUDA:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Import the kernels now, while the interpreter setting is the session's: @triton.jit reads it once, at
+# import, so a first import inside a test that switches to the reference path would leave compiled-mode
+# kernels behind for every later interpreter test.
+import fastlm.kernels  # noqa: E402,F401
+
 if ON_CUDA:
     torch.set_default_device("cuda")
 

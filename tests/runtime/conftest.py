@@ -1,10 +1,6 @@
 """Fixtures of the runtime tests: tiny checkpoints (GPT-2, Llama GQA) with a tokenizer, and LLMs on them."""
 import pytest
 
-# Import the kernels now, while TRITON_INTERPRET=1 (tests/conftest.py): @triton.jit reads it when the
-# kernel modules are imported, and a first import inside a test using `reference_kernels` (which sets
-# it to 0) would build compiled-GPU kernels that the interpreter test then cannot run.
-import fastlm.model  # noqa: F401,E402
 from tests.runtime.checkpoints import build_checkpoint
 
 NAMES = ("gpt2", "llama_gqa")
