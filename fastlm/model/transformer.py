@@ -60,20 +60,19 @@ class Attention(nn.Module):
 
     def forward(self, x, step: _Step):
         B, T, _ = x.shape
-        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        q, k, v = self.wqkv(x).split((q_size, kv_size, kv_size), dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, Hq, D)
-        k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
-        v = v.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
-        if step.cos is not None:
-            q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+        Hq, Hkv = self.n_head, self.n_kv_head
+        qkv = self.wqkv(x).view(B, T, Hq + 2 * Hkv, self.head_dim)  # (B, T, Hq + 2 Hkv, D)
+        qk, v = qkv[:, :, :Hq + Hkv], qkv[:, :, Hq + Hkv:]  # (B, T, Hq + Hkv, D), (B, T, Hkv, D)
+        if step.cos is not None:  # q and k heads are adjacent: rotate them in one call
+            qk = apply_rope(qk, step.cos, step.sin)
+        q, k = qk[:, :, :Hq], qk[:, :, Hq:]  # (B, T, Hq, D), (B, T, Hkv, D)
         if step.cache is None:
             out = flash_attention(q, k, v, causal=True)
         elif step.prefill_start is None:
             out = self._decode(q, k, v, step)
         else:
             out = self._cached_prefill(q, k, v, step)
-        return self.wo(out.reshape(B, T, q_size))  # (B, T, Hq * D) -> (B, T, dim)
+        return self.wo(out.reshape(B, T, Hq * self.head_dim))  # (B, T, Hq * D) -> (B, T, dim)
 
     def _decode(self, q, k, v, step: _Step):
         """Scatter the new K/V at each row's own positions, then attend over each row's valid prefix."""
