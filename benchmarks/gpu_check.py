@@ -30,7 +30,7 @@ BENCHMARKS = {
     "bench_attention": [],
     "bench_generate": [],
 }
-BUDGET_S = {"tests": 240, "bench_norms": 60, "bench_attention": 90, "bench_generate": 120}
+BUDGET_S = {"tests": 240, "bench_norms": 80, "bench_attention": 100, "bench_generate": 120}
 
 
 def environment(device: str) -> dict:
