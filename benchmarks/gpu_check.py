@@ -112,21 +112,28 @@ def _write_log(folder, name, text):
         f.write(text)
 
 
+def _is_ratio(key: str) -> bool:
+    return key.startswith("ratio") or "_x_" in key  # ratio_vs_sdpa, ratio_vs_torch, decode_x_hf, ...
+
+
+def _is_fraction(key: str) -> bool:
+    return "fraction" in key
+
+
 def summary_rows(bench_results: dict) -> list:
-    """Every CSV row that carries a peer ratio: the figure, the ratio and the fraction of the ceiling."""
+    """One line per (CSV row, peer ratio it carries): the figure, the ratio, the fraction of the ceiling."""
     rows = []
     for name, result in bench_results.items():
         for path in result.get("csvs", []):
             with open(path) as f:
                 for r in csv.DictReader(f):
-                    ratio_key = next((k for k in r if k.startswith("ratio") and r[k] not in ("", None)), None)
-                    if ratio_key is None:
-                        continue
-                    keys = [k for k in r if k not in (ratio_key,) and not k.startswith(("fraction", "ms"))]
-                    rows.append({"benchmark": name, "figure": ", ".join(f"{k}={r[k]}" for k in keys if r[k] != ""),
-                                 "peer": ratio_key.replace("ratio_vs_", "").replace("ratio_", ""),
-                                 "ratio": r[ratio_key], "fraction_of_ceiling": next(
-                                     (r[k] for k in r if k.startswith("fraction") and r[k] != ""), "")})
+                    fraction = next((r[k] for k in r if _is_fraction(k) and r[k] != ""), "")
+                    figure = ", ".join(f"{k}={v}" for k, v in r.items()
+                                       if v != "" and not _is_ratio(k) and not _is_fraction(k) and k != "ms")
+                    for key in (k for k in r if _is_ratio(k) and r[k] != ""):
+                        peer = key.replace("ratio_vs_", "").replace("ratio_", "")
+                        rows.append({"benchmark": name, "figure": figure, "peer": peer, "ratio": r[key],
+                                     "fraction_of_ceiling": fraction})
     return rows
 
 
