@@ -36,15 +36,14 @@ MIN_TILE = 1024  # short rows: several rows per program so a program handles at 
 
 # ----------------------------------------------------------------------------- references (CPU path)
 def layer_norm_ref(x, weight, bias=None, eps=1e-5, residual=None):
-    h = x if residual is None else (x.float() + residual.float()).to(x.dtype)
+    h = x if residual is None else x + residual  # torch adds low-precision floats in fp32, rounds once
     y = F.layer_norm(h.float(), (h.shape[-1],), weight.float(), None if bias is None else bias.float(), eps).to(x.dtype)
     return y if residual is None else (y, h)
 
 
 def rms_norm_ref(x, weight, eps=1e-6, residual=None):
-    h = x if residual is None else (x.float() + residual.float()).to(x.dtype)
-    hf = h.float()
-    y = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+    h = x if residual is None else x + residual
+    y = F.rms_norm(h.float(), (h.shape[-1],), weight.float(), eps).to(x.dtype)
     return y if residual is None else (y, h)
 
 
