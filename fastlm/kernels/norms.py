@@ -36,14 +36,16 @@ MIN_TILE = 1024  # short rows: several rows per program so a program handles at 
 
 # ----------------------------------------------------------------------------- references (CPU path)
 def layer_norm_ref(x, weight, bias=None, eps=1e-5, residual=None):
-    h = x if residual is None else x + residual  # torch adds low-precision floats in fp32, rounds once
-    y = F.layer_norm(h.float(), (h.shape[-1],), weight.float(), None if bias is None else bias.float(), eps).to(x.dtype)
+    # torch adds, and normalizes, fp16/bf16 values in fp32 internally and rounds once: the same result as
+    # upcasting by hand, without the copies (this is the CPU decode path, where the copies show)
+    h = x if residual is None else x + residual
+    y = F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
     return y if residual is None else (y, h)
 
 
 def rms_norm_ref(x, weight, eps=1e-6, residual=None):
     h = x if residual is None else x + residual
-    y = F.rms_norm(h.float(), (h.shape[-1],), weight.float(), eps).to(x.dtype)
+    y = F.rms_norm(h, (h.shape[-1],), weight, eps)  # fp32 statistics inside, as layer_norm_ref
     return y if residual is None else (y, h)
 
 
