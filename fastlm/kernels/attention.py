@@ -11,14 +11,15 @@ Causal masks align bottom-right: query i sits at position Sk - Sq + i and sees k
 their output is defined as 0 (and their gradient as 0).
 
 - flash_attention: online softmax in the log2 domain (exp2, log2(e) folded into the scale); backward
-  through a torch.autograd.Function saving the LSE (delta = rowsum(dO * O); a dK/dV kernel over query
+  (custom op fastlm::flash_attn_bwd) saving the LSE (delta = rowsum(dO * O); a dK/dV kernel over query
   blocks that sums the GQA group in registers; a dQ kernel).
 - decode_attention: q (B, Sq <= 8, Hq, D), caches (B, S_max, Hkv, D), cache_seqlens (B,) int32 counting
   the valid entries including the Sq new tokens; query s at position L_b - Sq + s. Split-KV
   (flash-decoding) with an LSE combine kernel; see _decode.py.
 
 Dispatch (fastlm.kernels._utils.use_triton): CUDA -> Triton; CPU -> torch (scaled_dot_product_attention
-with an explicit mask), or the Triton kernels under TRITON_INTERPRET=1.
+with an explicit mask), or the Triton kernels under TRITON_INTERPRET=1. The Triton path, and every
+path under torch.compile, goes through the custom ops of fastlm/kernels/ops.py (no graph breaks).
 References: Dao et al., FlashAttention-2 (2023); Triton's fused-attention tutorial; flash-decoding.
 """
 import contextlib
@@ -28,6 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastlm.kernels import ops
 from fastlm.kernels._decode import _decode_combine, _decode_split
 from fastlm.kernels._flash import _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd
 from fastlm.kernels._utils import check_tensor, triton_dtype_name, use_triton
@@ -307,21 +309,6 @@ def _decode_triton(q, k_cache, v_cache, cache_seqlens, scale):
     return o
 
 
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
-        o, lse = _flash_fwd(q, k, v, causal, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale = causal, scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
-
-
 # ---------------------------------------------------------------------------------------------------
 # Public functions
 
@@ -332,16 +319,16 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None):
     Differentiable in q, k, v."""
     _check_qkv(q, k, v)
     scale = _resolve_scale(softmax_scale, q.shape[-1])
-    if not use_triton(q):
-        return _flash_torch(q, k, v, bool(causal), scale)
-    return _FlashAttention.apply(q, k, v, bool(causal), scale)
+    if not torch.compiler.is_compiling() and not use_triton(q):
+        return _flash_torch(q, k, v, bool(causal), scale)  # eager CPU: plain torch, no op dispatch
+    return ops.flash_attn(q, k, v, bool(causal), scale)  # custom op (ops.py): autograd, compile
 
 
 def _check_seqlens(cache_seqlens, q, S_max):
     check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,), shape=(q.shape[0],))
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens must be on the same device as q ({q.device}), got {cache_seqlens.device}")
-    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+    if torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         return  # reading values would sync; the kernel clamps lengths to S_max
     bad = (cache_seqlens < q.shape[1]) | (cache_seqlens > S_max)
     if bool(bad.any()):
@@ -356,9 +343,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None):
     _check_qkv(q, k_cache, v_cache, "q", "k_cache", "v_cache", max_sq=MAX_DECODE_QUERIES)
     _check_seqlens(cache_seqlens, q, k_cache.shape[1])
     scale = _resolve_scale(softmax_scale, q.shape[-1])
-    if not use_triton(q):
-        return _decode_torch(q, k_cache, v_cache, cache_seqlens, scale)
-    return _decode_triton(q, k_cache, v_cache, cache_seqlens, scale)
+    if not torch.compiler.is_compiling() and not use_triton(q):
+        return _decode_torch(q, k_cache, v_cache, cache_seqlens, scale)  # eager CPU: no op dispatch
+    return ops.decode_attn(q, k_cache, v_cache, cache_seqlens, scale)  # custom op (ops.py): compile
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from fastlm.kernels import ops
 from fastlm.kernels._utils import check_positive_float, check_tensor, triton_dtype_name, use_triton
 
 MAX_N = 65536  # longest supported row
@@ -316,38 +317,6 @@ def _norm_backward(dy2, dh2, h2, w, mean, rstd, has_bias, is_rms):
     return dx, dw_part.sum(0), (db_part.sum(0) if has_bias else None)
 
 
-class _NormFunction(torch.autograd.Function):
-    """Thin autograd wrapper: forward/backward only call the launchers. h is an output too, so a
-    gradient flowing into it (the next block's residual) joins dx in the backward kernel."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps, is_rms):
-        N = x.shape[-1]
-        x2 = _rows(x, N)
-        r2 = _rows(residual, N) if residual is not None else None
-        y, h, mean, rstd = _norm_forward(x2, weight, bias, r2, eps, is_rms)
-        ctx.save_for_backward(h if h is not None else x2, weight, mean, rstd)
-        ctx.is_rms, ctx.has_bias, ctx.shape = is_rms, bias is not None, x.shape
-        ctx.set_materialize_grads(False)
-        y = y.view(x.shape)
-        return (y, h.view(x.shape)) if h is not None else y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, dh=None):
-        h2, weight, mean, rstd = ctx.saved_tensors
-        N = h2.shape[1]
-        if dy is None:  # only h was used downstream
-            dy = torch.zeros(ctx.shape, dtype=h2.dtype, device=h2.device)
-        dh2 = _rows(dh.to(h2.dtype), N) if dh is not None else None
-        dx, dw, db = _norm_backward(_rows(dy.to(h2.dtype), N), dh2, h2, weight, mean, rstd, ctx.has_bias, ctx.is_rms)
-        dx = dx.view(ctx.shape)
-        dw = dw.to(weight.dtype)
-        db = db.to(weight.dtype) if db is not None else None
-        dresidual = dx if ctx.needs_input_grad[3] else None  # h = x + residual: same gradient
-        return dx, dw, db, dresidual, None, None
-
-
 # ----------------------------------------------------------------------------- public API
 def _validate(x, weight, bias, residual, eps):
     check_tensor("x", x, min_ndim=1)
@@ -362,16 +331,6 @@ def _validate(x, weight, bias, residual, eps):
     return check_positive_float("eps", eps)
 
 
-def _norm(x, weight, bias, residual, eps, is_rms):
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, residual))
-    if needs_grad:
-        return _NormFunction.apply(x, weight, bias, residual, eps, is_rms)
-    N = x.shape[-1]
-    y, h, _, _ = _norm_forward(_rows(x, N), weight, bias, None if residual is None else _rows(residual, N), eps, is_rms)
-    return y.view(x.shape) if h is None else (y.view(x.shape), h.view(x.shape))
-
-
 def layer_norm(x, weight, bias=None, eps=1e-5, residual=None):
     """LayerNorm over the last dim of x (..., N), statistics in fp32, output in x's dtype.
 
@@ -379,9 +338,9 @@ def layer_norm(x, weight, bias=None, eps=1e-5, residual=None):
     pass; gradients flow into x, residual, weight, bias, and from both outputs.
     """
     eps = _validate(x, weight, bias, residual, eps)
-    if not use_triton(x):
-        return layer_norm_ref(x, weight, bias, eps, residual)
-    return _norm(x, weight, bias, residual, eps, is_rms=False)
+    if not torch.compiler.is_compiling() and not use_triton(x):
+        return layer_norm_ref(x, weight, bias, eps, residual)  # eager CPU: plain torch, no op dispatch
+    return ops.norm(x, weight, bias, residual, eps, is_rms=False)  # custom op (ops.py): autograd, compile
 
 
 def rms_norm(x, weight, eps=1e-6, residual=None):
@@ -390,9 +349,9 @@ def rms_norm(x, weight, eps=1e-6, residual=None):
     With `residual`, returns (rms_norm(h), h) for h = x + residual, fused in one pass.
     """
     eps = _validate(x, weight, None, residual, eps)
-    if not use_triton(x):
-        return rms_norm_ref(x, weight, eps, residual)
-    return _norm(x, weight, None, residual, eps, is_rms=True)
+    if not torch.compiler.is_compiling() and not use_triton(x):
+        return rms_norm_ref(x, weight, eps, residual)  # eager CPU: plain torch, no op dispatch
+    return ops.norm(x, weight, None, residual, eps, is_rms=True)  # custom op (ops.py): autograd, compile
 
 
 def _check_hidden_size(hidden_size):

@@ -14,9 +14,10 @@ without a residual (h would be x itself), mean is (0,) for RMSNorm, dbias is (0,
 
 Each op dispatches by the house rule at run time (inside the op, where the compiler does not look):
 Triton launchers for CUDA tensors or under TRITON_INTERPRET=1, else the PyTorch reference. The
-reference forwards also return the real statistics (mean, rstd) so both paths have the same outputs;
-the attention reference returns a zero lse, which its backward (a materialized-softmax formula) never
-reads. decode_attn's gradient is that formula on every device (decoding has no backward kernel).
+reference forwards return zeros for the statistics the kernels save (mean, rstd, lse), with the same
+shapes: their backwards recompute what they need (norms: the row statistics from h; attention: the
+materialized softmax). decode_attn's gradient is that attention formula on every device (decoding has
+no backward kernel).
 
 The public functions (fastlm.kernels.layer_norm, rms_norm, flash_attention, decode_attention) validate
 their arguments and call `norm`, `flash_attn` and `decode_attn` below. This module imports the kernel
@@ -58,20 +59,14 @@ def _(x, weight, bias, residual, eps, is_rms):
 
 
 def _norm_forward_ref(x, weight, bias, residual, eps, is_rms):
-    """The reference (fastlm.kernels.norms' *_ref), plus the row statistics the backward uses."""
+    """The reference (fastlm.kernels.norms' *_ref). Its statistics are zeros of the kernels' shapes: the
+    reference backward recomputes them (cheaper here, on the CPU decode path, than saving them)."""
     from fastlm.kernels import norms
 
-    h = x if residual is None else (x.float() + residual.float()).to(x.dtype)
-    hf = h.float().reshape(-1, x.shape[-1])
-    if is_rms:
-        y = norms.rms_norm_ref(h, weight, eps)
-        mean = hf.new_empty(0)
-        rstd = torch.rsqrt(hf.pow(2).mean(-1) + eps)
-    else:
-        y = norms.layer_norm_ref(h, weight, bias, eps)
-        mean = hf.mean(-1)
-        rstd = torch.rsqrt((hf - mean[:, None]).pow(2).mean(-1) + eps)
-    return y, (None if residual is None else h), mean, rstd
+    M = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    out = norms.rms_norm_ref(x, weight, eps, residual) if is_rms else norms.layer_norm_ref(x, weight, bias, eps, residual)
+    y, h = out if residual is not None else (out, None)
+    return y, h, x.new_zeros(0 if is_rms else M, dtype=torch.float32), x.new_zeros(M, dtype=torch.float32)
 
 
 @custom_op("fastlm::norm_bwd", mutates_args=())
@@ -88,7 +83,7 @@ def norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, mean: 
         dx, dw, db = norms._norm_backward(norms._rows(dy, N), dh2, norms._rows(h, N), weight, mean, rstd,
                                           has_bias, is_rms)
     else:
-        dx, dw, db = _norm_backward_ref(dy, dh, h, weight, mean, rstd, has_bias, is_rms)
+        dx, dw, db = _norm_backward_ref(dy, dh, h, weight, eps, has_bias, is_rms)
     db = db.to(weight.dtype) if has_bias else weight.new_empty(0)
     return dx.reshape(h.shape), dw.to(weight.dtype), db
 
@@ -98,16 +93,20 @@ def _(dy, dh, h, weight, mean, rstd, eps, has_bias, is_rms):
     return h.new_empty(h.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape if has_bias else 0)
 
 
-def _norm_backward_ref(dy, dh, h, weight, mean, rstd, has_bias, is_rms):
-    """The kernels' formula in fp32 torch: dh = rstd*(w*dy - xhat*mean(xhat*w*dy) [- mean(w*dy)])."""
+def _norm_backward_ref(dy, dh, h, weight, eps, has_bias, is_rms):
+    """The kernels' formula in fp32 torch, statistics recomputed from h:
+    dh = rstd * (w*dy - xhat*mean(xhat*w*dy) [- mean(w*dy) for LayerNorm]) + the incoming dh."""
     N = h.shape[-1]
     hf, dyf = h.float().reshape(-1, N), dy.float().reshape(-1, N)
-    xhat = (hf if is_rms else hf - mean[:, None]) * rstd[:, None]
+    if not is_rms:
+        hf = hf - hf.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = hf * rstd
     wdy = dyf * weight.float()
     dx = wdy - xhat * (xhat * wdy).mean(-1, keepdim=True)
     if not is_rms:
         dx = dx - wdy.mean(-1, keepdim=True)
-    dx = dx * rstd[:, None]
+    dx = dx * rstd
     if dh is not None:
         dx = dx + dh.float().reshape(-1, N)
     return dx.to(h.dtype), (dyf * xhat).sum(0), (dyf.sum(0) if has_bias else None)

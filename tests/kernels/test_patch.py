@@ -159,6 +159,27 @@ def test_interpreter_kernels_end_to_end():
     assert report.flash_calls == LAYERS
 
 
+def test_patched_model_compiles_without_graph_break(reference_kernels):
+    """fullgraph=True: the attention function, its fallback test and the norms all trace; the graph holds
+    fastlm's custom ops (run eagerly by a recording backend, so autograd works as usual)."""
+    original = build("llama")
+    patched = twin_of(original)
+    patch(patched)
+    targets = set()
+
+    def recording_backend(graph_module, example_inputs):
+        targets.update(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    compiled = torch.compile(patched, fullgraph=True, backend=recording_backend)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    (logits_c, grads_c), (logits, grads) = run(compiled, ids), run(original, ids)
+    torch.testing.assert_close(logits_c, logits, **FP32_TOL)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_c["_orig_mod." + name], grad, **FP32_TOL)
+    assert {"fastlm.flash_attn_fwd.default", "fastlm.norm_fwd.default"} <= targets, targets
+
+
 def test_unpatched_models_are_unaffected(reference_kernels):
     config = build("llama").config
     config._attn_implementation = "sdpa"
