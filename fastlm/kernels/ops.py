@@ -20,7 +20,9 @@ materialized softmax). decode_attn's gradient is that attention formula on every
 no backward kernel).
 
 The public functions (fastlm.kernels.layer_norm, rms_norm, flash_attention, decode_attention) validate
-their arguments and call `norm`, `flash_attn` and `decode_attn` below. This module imports the kernel
+their arguments, then call `norm`, `flash_attn` and `decode_attn` below on the Triton path and whenever
+torch.compile traces them; eager CPU calls the references directly (plain torch: autograd is torch's,
+and the op dispatch, ~15-20 us a call, would show in a CPU decode step). This module imports the kernel
 files only inside the op bodies, so they can import it without a cycle.
 """
 from typing import Optional
