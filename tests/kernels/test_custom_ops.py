@@ -4,7 +4,8 @@
   matches eager, output and every gradient. On CPU this is the reference path (TRITON_INTERPRET=0:
   compilation and the interpreter don't mix) with the aot_eager backend (Dynamo + AOTAutograd over the
   fake implementations: where a custom op can break), plus one Inductor build; on a GPU, Inductor.
-- torch.library.opcheck on every op (schema, fake tensors, autograd registration, AOT dispatch).
+- torch.library.opcheck on every op, reference and Triton paths (schema, fake tensors, autograd
+  registration, AOT dispatch).
 - The ops' reference path (what runs on CPU under torch.compile; eager CPU calls the references
   directly) against fp64 autograd through the references, forward and backward.
 """
@@ -117,7 +118,10 @@ def test_inductor_builds_a_module_using_every_kernel(reference_kernels):
         torch.testing.assert_close(g_c, g, **TOL)
 
 
-def test_opcheck_every_op(reference_kernels):
+@pytest.mark.parametrize("path", ["reference", "triton"])  # on CPU "triton" is the interpreter
+def test_opcheck_every_op(path, monkeypatch):
+    if path == "reference":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
     x, r, w, b = torch.randn(2, 3, N), torch.randn(2, 3, N), torch.randn(N), torch.randn(N)
     q, k, v = torch.randn(B, 5, HQ, D), torch.randn(B, 7, HKV, D), torch.randn(B, 7, HKV, D)
     lengths = torch.tensor([4, 7], dtype=torch.int32)
