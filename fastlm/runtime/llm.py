@@ -17,6 +17,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
 
+from fastlm.model.devices import resolve_device
 from fastlm.runtime.cpu_linear import pack_linears, packing_available
 from fastlm.runtime.cuda_graph import make_decode_step
 from fastlm.runtime.generate import TokenLoop, check_prompt_ids, default_sync_every, new_token_budget
@@ -47,20 +48,6 @@ def resolve_model_path(model) -> Path:
     if not (path / "config.json").is_file():
         raise ValueError(f"model path {model} is not a checkpoint folder (no config.json in it)")
     return path
-
-
-def resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return resolved
 
 
 def check_text_prompts(prompt) -> List[str]:

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from fastlm.training.data import load_blocks
-from fastlm.training.options import PRECISIONS, _check_int, _resolve_device, autocast_dtype
+from fastlm.model.devices import resolve_device
+from fastlm.training.options import PRECISIONS, _check_int, autocast_dtype
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
 
@@ -74,7 +75,7 @@ def evaluate(model=None, data=None, *, block_size=128, batch_size=8, device=None
     _check_int("batch_size", batch_size, 1)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    device = _resolve_device(device)
+    device = resolve_device(device)
     folder = resolve_model_dir(model)
     net = Transformer.from_pretrained(folder, dtype=torch.float32, device=device)
     check_block_size(block_size, net.config)

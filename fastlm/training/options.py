@@ -5,6 +5,8 @@ from typing import Optional, Union
 
 import torch
 
+from fastlm.model.devices import resolve_device
+
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -68,7 +70,7 @@ class TrainOptions:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give either steps or epochs, not both")
-        self.device = _resolve_device(self.device)
+        self.device = resolve_device(self.device)
 
     @classmethod
     def from_kwargs(cls, **kwargs):
@@ -89,18 +91,6 @@ def autocast_dtype(device, precision):
     if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
-
-
-def _resolve_device(device):
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be a torch device name such as 'cpu' or 'cuda', got {device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
-    return device
 
 
 def _check_int(name, value, low, optional=False):
