@@ -25,6 +25,7 @@ import tempfile
 KERNEL_MODULES = [
     "fastlm.kernels.norms",
     "fastlm.kernels.attention",
+    "fastlm.kernels._quant",
 ]
 TARGETS = (80, 90)
 
