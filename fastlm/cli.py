@@ -1,4 +1,4 @@
-"""The `fastlm` command: generate, bench, train, eval.
+"""The `fastlm` command: generate, bench, train, eval, quantize.
 
 Each subcommand lives beside the code it drives and registers itself here through `add_parser(subparsers)`
 returning nothing; the parser's `func(args)` runs it. Any ValueError / FileNotFoundError raised by the
@@ -9,7 +9,7 @@ import importlib
 import sys
 
 # module path -> it defines add_parsers(subparsers) registering its subcommands
-COMMAND_MODULES = ["fastlm.runtime.commands", "fastlm.training.commands"]
+COMMAND_MODULES = ["fastlm.runtime.commands", "fastlm.training.commands", "fastlm.model.commands"]
 
 
 class UsageError(ValueError):

@@ -8,6 +8,7 @@ import sys
 from fastlm.runtime.sampling import SamplingParams
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
+QUANTIZE_CHOICES = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128")
 
 
 def add_parsers(subparsers) -> None:
@@ -19,6 +20,8 @@ def _add_model_args(parser) -> None:
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="default: the checkpoint's")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                        help="weight-only quantized linear layers (int4 = groups of 128 columns)")
 
 
 def _add_generate(subparsers) -> None:
@@ -45,7 +48,7 @@ def run_generate(args) -> int:
                    stop=args.stop, seed=args.seed)
     SamplingParams(**options)  # fail before loading the model
     check_text_prompts(args.prompt)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     if args.no_stream:
         print(llm.generate(args.prompt, **options))
         return 0
@@ -76,7 +79,7 @@ def run_bench(args) -> int:
             raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
     if any(b < 1 for b in args.batch_size):
         raise ValueError(f"batch_size must be >= 1, got {args.batch_size}")
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     context = llm.model.config.max_seq_len
     if args.prompt_len + args.new_tokens > context:
         raise ValueError(f"prompt_len + new_tokens ({args.prompt_len + args.new_tokens}) exceeds the model's "
