@@ -23,11 +23,17 @@ Dispatch: CUDA tensors run the Triton kernels of _quant.py (a GEMV up to 16 rows
 beyond); so do CPU tensors under TRITON_INTERPRET=1. Other CPU calls go to _quant_cpu.py: PyTorch's packed
 weight-only kernels (aten._weight_int8pack_mm, _weight_int4pack_mm_for_cpu) or dequantize + F.linear,
 whichever measured faster on this machine for that format, dtype and decode/prefill size (timed once
-per process). QuantLinear is the nn.Module that fastlm.model swaps in for nn.Linear.
+per process). On the Triton path and under torch.compile the linears go through the custom ops
+fastlm::int8_linear / fastlm::int4_linear (fake implementations give the shapes, so compiled code has no
+graph break; inference only, no autograd formula); eager CPU calls skip the op dispatch.
+QuantLinear is the nn.Module that fastlm.model swaps in for nn.Linear.
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
+from torch.library import custom_op
 
 from fastlm.kernels import _quant, _quant_cpu
 from fastlm.kernels._utils import FLOAT_DTYPES, check_tensor, use_triton
@@ -109,8 +115,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     _check_x(x, weight, weight.shape[1], "weight.shape[1]")
     _check_bias(bias, weight)
     x2 = _rows(x)
-    if use_triton(x):
-        y = _quant.int8_linear_2d(x2, weight, scale, bias)
+    if use_triton(x) or torch.compiler.is_compiling():
+        y = int8_linear_op(x2, weight, scale, bias)
     else:
         y = _quant_cpu.int8_linear(x2, weight, scale, bias, dequantize_int8)
     return y.view(*x.shape[:-1], weight.shape[0])
@@ -127,11 +133,37 @@ def int4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero
     _check_x(x, weight, None, None, group=group)
     _check_bias(bias, weight)
     x2 = _rows(x)
-    if use_triton(x):
-        y = _quant.int4_linear_2d(x2, weight, scale, zero, bias)
+    if use_triton(x) or torch.compiler.is_compiling():
+        y = int4_linear_op(x2, weight, scale, zero, bias)
     else:
         y = _quant_cpu.int4_linear(x2, weight, scale, zero, bias, dequantize_int4)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+@custom_op("fastlm::int8_linear", mutates_args=())
+def int8_linear_op(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """x (M, K) -> (M, N): the Triton launcher, or the CPU path."""
+    if use_triton(x):
+        return _quant.int8_linear_2d(x, weight, scale, bias)
+    return _quant_cpu.int8_linear(x, weight, scale, bias, dequantize_int8)
+
+
+@int8_linear_op.register_fake
+def _(x, weight, scale, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@custom_op("fastlm::int4_linear", mutates_args=())
+def int4_linear_op(x: Tensor, weight: Tensor, scale: Tensor, zero: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """x (M, K) -> (M, N): the Triton launcher, or the CPU path."""
+    if use_triton(x):
+        return _quant.int4_linear_2d(x, weight, scale, zero, bias)
+    return _quant_cpu.int4_linear(x, weight, scale, zero, bias, dequantize_int4)
+
+
+@int4_linear_op.register_fake
+def _(x, weight, scale, zero, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 def _rows(x):

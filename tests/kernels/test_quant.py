@@ -219,3 +219,25 @@ def test_quant_linear_from_linear(bits):
 def test_errors_name_the_argument(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# ---------------------------------------------------------------------------------- custom ops, compile
+
+@pytest.mark.parametrize("path", ["reference", "triton"])  # on CPU "triton" is the interpreter
+def test_opcheck_quantized_linear_ops(path, monkeypatch):
+    if path == "reference":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, b = torch.randn(3, 64), torch.randn(16)
+    torch.library.opcheck(torch.ops.fastlm.int8_linear.default, (x, *quantize_int8(torch.randn(16, 64)), b))
+    torch.library.opcheck(torch.ops.fastlm.int4_linear.default, (x, *quantize_int4(torch.randn(16, 64), 32), None))
+
+
+@cpu_only
+@pytest.mark.parametrize("bits", [8, 4])
+def test_compiled_quant_linear_has_no_graph_break(bits, reference_kernels):
+    module = torch.nn.Sequential(QuantLinear.from_linear(torch.nn.Linear(40, 32), bits, 32), torch.nn.GELU(),
+                                 QuantLinear.from_linear(torch.nn.Linear(32, 8), bits, 32))
+    x = torch.randn(2, 5, 40)
+    with torch.no_grad():
+        compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), module(x), rtol=1e-4, atol=1e-5)
