@@ -9,13 +9,14 @@
 2. Decode (bench_quant_decode.csv): fastlm's runtime (fastlm.LLM(..., quantize=...)) on random GPT-2-124M
    and Llama-150M shaped checkpoints in bf16, int8 and int4-g128, batch 1 and 8: decode tokens/s, weight
    bytes per step, their GB/s and its fraction of the measured read bandwidth, the speedup over fastlm's
-   own bf16, and the model's resident weight bytes relative to bf16.
+   own bf16, and the model's resident weight bytes relative to bf16. The formats are timed in turns.
 
     python benchmarks/bench_quant.py --quick           # small shapes and models (CPU: ~1 minute)
     python -m benchmarks.bench_quant --device cuda
 Writes benchmarks/out/bench_quant_{linear,decode}.csv and .png.
 """
 import os
+import statistics
 import sys
 import tempfile
 
@@ -69,30 +70,36 @@ def _resident_bytes(model):
 
 
 def bench_decode(configs, device, batch_sizes, prompt_len, new_tokens, repeats, read_gbs):
+    """The three formats of one model are timed in turns (bf16, int8, int4, bf16, ...), each turn a whole
+    decode run, and each reports its median: load from other processes falls on every format alike."""
     import fastlm
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (family, kwargs) in configs.items():
             folder = save_random_checkpoint(family, kwargs, os.path.join(tmp, name))
-            base = {}
-            for fmt in ("bf16", "int8", "int4"):
-                model = fastlm.LLM(folder, dtype="bfloat16", device=device,
-                                   quantize=None if fmt == "bf16" else fmt).model
-                weight_gb = weight_bytes_per_step(model) / 1e9
-                resident = _resident_bytes(model)
-                for batch in batch_sizes:
-                    tok_s = fastlm_speed(model, batch, prompt_len, new_tokens, repeats)["decode_tok_s"]
-                    base.setdefault(batch, (tok_s, resident))
-                    gbs = tok_s / batch * weight_gb
-                    rows.append(dict(model=name, format=fmt, batch=batch, decode_tok_s=round(tok_s, 2),
-                                     weight_gb=round(weight_gb, 4), weight_gbs=round(gbs, 2),
-                                     roofline_fraction=round(gbs / read_gbs, 3),
-                                     ratio_vs_bf16=round(tok_s / base[batch][0], 2),
-                                     memory_x_bf16=round(resident / base[batch][1], 3)))
+            models = {fmt: fastlm.LLM(folder, dtype="bfloat16", device=device,
+                                      quantize=None if fmt == "bf16" else fmt).model for fmt in FORMATS}
+            for batch in batch_sizes:
+                runs = {fmt: [] for fmt in FORMATS}
+                for _ in range(repeats):
+                    for fmt, model in models.items():
+                        runs[fmt].append(fastlm_speed(model, batch, prompt_len, new_tokens, 1)["decode_tok_s"])
+                for fmt, model in models.items():
+                    rows.append(_decode_row(name, fmt, batch, statistics.median(runs[fmt]),
+                                            statistics.median(runs["bf16"]), model, models["bf16"], read_gbs))
                     print(" ".join(f"{rows[-1][k]!s:>{w}}" for k, w in DECODE_COLUMNS), flush=True)
-                del model
+            del models
     return rows
+
+
+def _decode_row(name, fmt, batch, tok_s, bf16_tok_s, model, bf16_model, read_gbs):
+    weight_gb = weight_bytes_per_step(model) / 1e9
+    gbs = tok_s / batch * weight_gb
+    return dict(model=name, format=fmt, batch=batch, decode_tok_s=round(tok_s, 2), weight_gb=round(weight_gb, 4),
+                weight_gbs=round(gbs, 2), roofline_fraction=round(gbs / read_gbs, 3),
+                ratio_vs_bf16=round(tok_s / bf16_tok_s, 2),
+                memory_x_bf16=round(_resident_bytes(model) / _resident_bytes(bf16_model), 3))
 
 
 def main(argv=None):
