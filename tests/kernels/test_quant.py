@@ -188,6 +188,17 @@ def test_cpu_dispatch_matches_reference(reference_kernels, bits, M):
     assert (f"int{bits}", torch.bfloat16, "decode" if M <= 16 else "prefill") in _quant_cpu.choices()
 
 
+@cpu_only
+@pytest.mark.parametrize("candidate", ["dequant", "packed"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cpu_each_candidate_matches_reference(reference_kernels, monkeypatch, bits, dtype, candidate):
+    """Every CPU candidate the timing may pick (bf16 int8 "dequant" scales the output instead of the weight)."""
+    monkeypatch.setattr(_quant_cpu, "_choices", {(f"int{bits}", dtype, size): candidate for size in ("decode", "prefill")})
+    for M in (3, 20):
+        _check_linear(bits, M, 32, 64, dtype, group=32)
+
+
 # ---------------------------------------------------------------------------------- module and errors
 
 @pytest.mark.parametrize("bits", [8, 4])
