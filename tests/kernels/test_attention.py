@@ -2,13 +2,14 @@
 
 Runs the Triton kernels under the interpreter on CPU (fp32, fp16: the interpreter cannot do bf16
 arithmetic in tl.dot), the compiled kernels with FASTLM_TEST_DEVICE=cuda (bf16 included), and the
-CPU torch path with the interpreter off."""
+CPU torch path (FASTLM_KERNELS=reference)."""
 import math
 
 import pytest
 import torch
 
 from fastlm.kernels import attention_ref, flash_attention
+from fastlm.kernels._flash import dkdv_group_splits
 from tests.compare import assert_close_by_rule
 
 DTYPES = [torch.float32, torch.float16]
@@ -116,14 +117,12 @@ def test_backward_bf16_cuda(case):
 
 
 @pytest.mark.parametrize("n_sms", [1, 10**6])
-def test_backward_gqa_group_split(n_sms, monkeypatch):
+def test_backward_gqa_group_split(n_sms, interpret_as):
     """dK/dV summed over a whole GQA group in one program (many SMs busy already) and split over
     programs into fp32 partial sums (few programs)."""
-    from fastlm.kernels import attention
-
-    monkeypatch.setattr(attention, "_sm_count", lambda device: n_sms)
+    interpret_as(80, sms=n_sms)
     expected = 1 if n_sms == 1 else 8
-    assert attention.dkdv_group_splits(3, 8, n_sms) == expected
+    assert dkdv_group_splits(3, 8, n_sms) == expected
     check_backward((1, 37, 45, 8, 1, 32, True), torch.float16)
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastlm.kernels import decode_attention
-from fastlm.kernels.attention import decode_splits
+from fastlm.kernels._decode import decode_splits
 from tests.compare import assert_close_by_rule
 from tests.kernels.test_attention import ATOL, ON_CUDA, attention_plain, poisoned_outputs  # noqa: F401
 

@@ -1,0 +1,34 @@
+"""Fixtures that make Triton's interpreter behave like the GPU where it falls short, and that run other
+GPUs' launch configurations on CPU. On a GPU run (FASTLM_TEST_DEVICE=cuda) they change nothing."""
+import numpy as np
+import pytest
+import triton.language as tl
+from triton.runtime import interpreter
+
+from fastlm.kernels import _utils
+
+
+@pytest.fixture
+def bf16_round_to_nearest(monkeypatch):
+    """Triton 3.9's interpreter converts fp32 -> bf16 by truncation, where the GPU (cvt.rn) rounds to
+    nearest even; emulate the GPU so bf16 stores are judged as they will run."""
+    convert = interpreter._convert_float
+
+    def convert_rne(data, src, dst, rounding_mode):
+        if not (src == tl.float32 and dst == tl.bfloat16 and rounding_mode is None):
+            return convert(data, src, dst, rounding_mode)
+        bits = np.ascontiguousarray(data, dtype=np.float32).view(np.uint32)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        nan = ((bits >> 16) | 0x40).astype(np.uint16)
+        return np.where(np.isnan(data), nan, rounded).reshape(data.shape)
+
+    monkeypatch.setattr(interpreter, "_convert_float", convert_rne)
+
+
+@pytest.fixture
+def interpret_as(monkeypatch):
+    """interpret_as(arch, sms): run the launch configurations (tiles, split grids) that a GPU of compute
+    capability `arch` with `sms` multiprocessors gets, under the interpreter."""
+    def set_target(arch, sms=_utils.INTERPRETED_GPU.sms):
+        monkeypatch.setattr(_utils, "INTERPRETED_GPU", _utils.GpuTarget(arch=arch, sms=sms))
+    return set_target
