@@ -26,6 +26,25 @@ def bf16_round_to_nearest(monkeypatch):
 
 
 @pytest.fixture
+def bf16_dot(monkeypatch, bf16_round_to_nearest):
+    """The interpreter keeps bf16 values as raw uint16 bit patterns and tl.dot multiplies those integers
+    (triton-lang/triton#11584). Widen bf16 operands to fp32 first (exact), as the GPU's bf16 MMA does
+    before accumulating in fp32; with the fixture above, the kernels' bf16 casts round as on the GPU."""
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def widen(handle):
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        bits = np.ascontiguousarray(handle.data, dtype=np.uint16).astype(np.uint32) << 16  # bf16 = fp32's top half
+        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+
+    def dot_bf16_as_fp32(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", dot_bf16_as_fp32)
+
+
+@pytest.fixture
 def interpret_as(monkeypatch):
     """interpret_as(arch, sms): run the launch configurations (tiles, split grids) that a GPU of compute
     capability `arch` with `sms` multiprocessors gets, under the interpreter."""

@@ -63,7 +63,8 @@ def test_kernels_compile_without_spills(module_name):
 def test_every_kernel_has_a_compile_spec(module_name):
     module = importlib.import_module(module_name)
     launched = _launched_kernels(module)
-    assert launched == LAUNCHED_KERNELS[module_name], "update LAUNCHED_KERNELS for a new or removed kernel"
+    assert launched == LAUNCHED_KERNELS[module_name], \
+        f"found {sorted(launched)}: a lookup that misses kernels, or LAUNCHED_KERNELS needs updating"
     covered = {launch.kernel.__name__ if hasattr(launch.kernel, "__name__") else launch.kernel.fn.__name__
                for launch in module.LAUNCHES}
     missing = launched - covered
