@@ -34,7 +34,8 @@ def reference_forced() -> bool:
 
 
 def use_triton(x: torch.Tensor) -> bool:
-    """True when the Triton kernel should run for a tensor on x's device (the rule above)."""
+    """True when the Triton kernel should run for a tensor on x's device (the rule above). FASTLM_KERNELS
+    is read only where it can change the answer: plain CPU (the decode hot path) reads one variable."""
     if x.device.type == "cuda" or (x.device.type == "cpu" and interpreter_enabled()):
         return not reference_forced()
     return False

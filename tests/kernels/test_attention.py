@@ -1,7 +1,7 @@
 """flash_attention (forward and backward) against an fp64 reference, by the comparison rule.
 
-Runs the Triton kernels under the interpreter on CPU (fp32, fp16; bf16 through the bf16_dot fixture of
-tests/kernels/conftest.py, which widens the interpreter's bf16 dot operands as the GPU does), the
+Runs the Triton kernels under the interpreter on CPU (fp32, fp16, and bf16 through the bf16_dot fixture
+of tests/kernels/conftest.py, which widens the interpreter's bf16 dot operands as the GPU does), the
 compiled kernels with FASTLM_TEST_DEVICE=cuda, and the CPU torch path (FASTLM_KERNELS=reference).
 The launch configurations are sm_80's unless a test forces another GPU's (interpret_as)."""
 import math
@@ -13,7 +13,7 @@ from fastlm.kernels import _utils, attention_ref, flash_attention
 from fastlm.kernels._flash import dkdv_group_splits, flash_bwd_config, flash_fwd_config
 from tests.compare import assert_close_by_rule
 
-DTYPES = [torch.float32, torch.float16]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # bf16 under the interpreter: the bf16_dot fixture
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 ON_CUDA = torch.empty(0).is_cuda
 GPU_SIZED = "GPU-sized, too slow for the interpreter: runs on a GPU (benchmarks/gpu_check.py runs this suite there)"
@@ -83,18 +83,8 @@ def check_forward(case, dtype, scale=None):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", FORWARD_CASES)
-def test_forward(case, dtype):
+def test_forward(case, dtype, bf16_dot):
     check_forward(case, dtype)
-
-
-@pytest.mark.parametrize("case", FORWARD_CASES)
-def test_forward_bf16(case, bf16_dot):
-    check_forward(case, torch.bfloat16)
-
-
-@pytest.mark.skipif(not ON_CUDA, reason=GPU_SIZED + "; test_forward_bf16 runs the same kernels at small sizes")
-def test_forward_bf16_long():
-    check_forward((2, 4096, 4096, 8, 2, 128, True), torch.bfloat16)
 
 
 def check_backward(case, dtype):
@@ -112,18 +102,16 @@ def check_backward(case, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", BACKWARD_CASES)
-def test_backward(case, dtype):
+def test_backward(case, dtype, bf16_dot):
     check_backward(case, dtype)
 
 
-@pytest.mark.parametrize("case", BACKWARD_CASES)
-def test_backward_bf16(case, bf16_dot):
-    check_backward(case, torch.bfloat16)
-
-
-@pytest.mark.skipif(not ON_CUDA, reason=GPU_SIZED + "; test_backward_bf16 runs the same kernels at small sizes")
-def test_backward_bf16_long():
-    check_backward((1, 1024, 1024, 8, 2, 128, True), torch.bfloat16)
+@pytest.mark.skipif(not ON_CUDA, reason=GPU_SIZED + "; the bf16 cases of test_forward / test_backward run the "
+                                                    "same kernels at small sizes")
+@pytest.mark.parametrize("check, case", [(check_forward, (2, 4096, 4096, 8, 2, 128, True)),
+                                         (check_backward, (1, 1024, 1024, 8, 2, 128, True))])
+def test_bf16_long(check, case):
+    check(case, torch.bfloat16)
 
 
 def _block_offsets(dtype, head_dim):
@@ -134,8 +122,8 @@ def _block_offsets(dtype, head_dim):
 
 
 @pytest.mark.parametrize("dtype, offset", [
-    pytest.param(dtype, offset, id=f"{str(dtype)[6:]}-offset{offset}") for dtype in DTYPES
-    for offset in _block_offsets(dtype, 32)])
+    pytest.param(dtype, offset, id=f"{str(dtype)[6:]}-offset{offset}") for dtype in (torch.float32, torch.float16)
+    for offset in _block_offsets(dtype, 32)])  # bf16 launches fp16's tiles
 def test_backward_causal_offsets_at_block_edges(dtype, offset):
     """Sk - Sq = +-1 and +-(BLOCK_M - 1), with more than one key block (the dK/dV kernel's first query
     block is rounded down to a BLOCK_M boundary) and rows past the last full query block."""

@@ -35,9 +35,9 @@ def check_decode(case, dtype, packed_cache=False):
     assert_close_by_rule(out, ref, attention_plain(q, k_cache, v_cache, **args), atol=ATOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES)
-def test_decode(case, dtype):
+def test_decode(case, dtype, bf16_dot):
     check_decode(case, dtype)
 
 
@@ -50,12 +50,8 @@ def test_decode_strided_cache():
     check_decode((2, 2, 4, 2, 100, 64, [100, 2]), torch.float16, packed_cache=True)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_decode_bf16(case, bf16_dot):
-    check_decode(case, torch.bfloat16)
-
-
-@pytest.mark.skipif(not ON_CUDA, reason=GPU_SIZED + "; test_decode_bf16 and test_decode_many_splits cover its paths")
+@pytest.mark.skipif(not ON_CUDA,
+                    reason=GPU_SIZED + "; test_decode's bf16 cases and test_decode_many_splits cover its paths")
 def test_decode_bf16_long():
     check_decode((4, 1, 32, 8, 32768, 128, [32768, 1, 20000, 4097]), torch.bfloat16)
 
