@@ -1,10 +1,11 @@
 """ModelConfig: the few fields in which GPT-2 and the Llama family (Llama 2/3, Mistral, Qwen2) differ,
 read from a Hugging Face `config.json` (both the transformers 4 and 5 spellings of RoPE settings)."""
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Union
+
+from fastlm.model.json_files import read_json_object
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -110,15 +111,7 @@ def _read_hf_dict(folder_or_dict) -> dict:
     path = Path(folder_or_dict)
     if path.is_dir() or path.suffix != ".json":
         path = path / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, missing_ok=False)
 
 
 def _check_positive_int(name, value):

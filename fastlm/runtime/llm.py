@@ -10,7 +10,6 @@ Context rule: a prompt must leave room to generate (prompt tokens < the model's 
 ValueError); max_new_tokens is clipped so that the longest prompt of the call plus its new tokens fit
 the context (generation then ends early, as at max_new_tokens).
 """
-import json
 from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 import torch
 
 from fastlm.model.devices import resolve_device
+from fastlm.model.json_files import eos_id_list, read_json_object
 from fastlm.runtime.cpu_linear import pack_linears, packing_available
 from fastlm.runtime.generate import TokenLoop, check_prompt_ids, default_sync_every, new_token_budget
 from fastlm.runtime.sampling import SamplingParams
@@ -72,7 +72,8 @@ class LLM:
         self.model = Transformer.from_pretrained(path, dtype=dtype, device=resolve_device(device))
         if packing_available(self.model.dtype, self.model.device):
             pack_linears(self.model)  # CPU: weights prepacked for oneDNN (see cpu_linear.py)
-        self.tokenizer = load_tokenizer(path) if _has_tokenizer(path) else None
+        vocab = self.model.config.vocab_size
+        self.tokenizer = load_tokenizer(path, model_vocab_size=vocab) if _has_tokenizer(path) else None
         self.eos_token_ids = tuple(self.tokenizer.eos_token_ids or ()) if self.tokenizer else _config_eos_ids(path)
         self._workspaces = WorkspacePool(self.model)  # one KV cache per live call (threads, interleaved streams)
 
@@ -147,7 +148,8 @@ class LLM:
         params = replace(params, max_new_tokens=budget)
         with self._workspaces.checkout(len(prompts), max(len(p) for p in prompts) + budget) as (cache, step):
             loop = TokenLoop(self.model, cache, step, prompts, params, self.eos_token_ids,
-                             sync_every=default_sync_every(cache.device, streaming))
+                             sync_every=default_sync_every(cache.device, streaming),
+                             vocab_size=self.tokenizer.vocab_size if self.tokenizer else None)
             texts = [SequenceText(self.tokenizer, p, params.stop) for p in prompts] if want_text else None
             for chunk in loop:
                 yield (chunk, [""] * len(chunk)) if texts is None else _add_text(loop, texts, chunk)
@@ -162,11 +164,9 @@ def _has_tokenizer(path: Path) -> bool:
 def _config_eos_ids(path: Path) -> tuple:
     """eos ids from generation_config.json / config.json when there is no tokenizer."""
     for name in ("generation_config.json", "config.json"):
-        file = path / name
-        if file.is_file():
-            eos = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
-            if eos is not None:
-                return tuple(eos) if isinstance(eos, list) else (eos,)
+        eos = eos_id_list(read_json_object(path / name).get("eos_token_id"))
+        if eos:
+            return tuple(eos)
     return ()
 
 

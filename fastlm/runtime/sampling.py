@@ -50,7 +50,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        """temperature 0, top_k 1, or a temperature too small for fp32 (it would divide by zero)."""
+        return self.temperature < _FP32_TINY or self.top_k == 1
 
 
 def _check_int(name, value, *, minimum):
@@ -65,6 +66,9 @@ def _check_number(name, value, rule, ok):
         raise ValueError(f"{name} must be a number, got {value!r}")
     if not ok(value):
         raise ValueError(f"{name} {rule}, got {value}")
+
+
+_FP32_TINY = torch.finfo(torch.float32).tiny
 
 
 def make_generator(seed: Optional[int], device) -> Optional[torch.Generator]:
@@ -121,7 +125,8 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: Optional[
     if params.greedy:
         return x
     if params.temperature != 1.0:
-        x = x / params.temperature
+        # Shifted so the best token scores 0: a tiny temperature sends the others to -inf, never inf/inf = nan.
+        x = (x - x.amax(dim=-1, keepdim=True)) / params.temperature
     x = top_k_filter(x, params.top_k)
     x = top_p_filter(x, params.top_p)
     return min_p_filter(x, params.min_p)
@@ -137,9 +142,13 @@ def sample(scores: torch.Tensor, params: SamplingParams, generator: Optional[tor
     return torch.argmax(probs / race, dim=-1)
 
 
-def next_tokens(logits, params: SamplingParams, generator=None, seen=None) -> torch.Tensor:
+def next_tokens(logits, params: SamplingParams, generator=None, seen=None, vocab_size=None) -> torch.Tensor:
     """The model's last-position logits (B, V) -> next ids (B,). Greedy without a penalty skips the
-    fp32 copy entirely (argmax of the raw logits)."""
+    fp32 copy entirely (argmax of the raw logits). vocab_size < V: only ids below it can be drawn (a
+    vocabulary padded beyond the tokenizer's tokens, e.g. to a multiple of 64)."""
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits = logits[:, :vocab_size]
+        seen = None if seen is None else seen[:, :vocab_size]
     if params.greedy and params.repetition_penalty == 1.0:
         return torch.argmax(logits, dim=-1)
     return sample(process_logits(logits, params, seen), params, generator)

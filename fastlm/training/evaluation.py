@@ -79,6 +79,6 @@ def evaluate(model=None, data=None, *, block_size=128, batch_size=8, device=None
     folder = resolve_model_dir(model)
     net = Transformer.from_pretrained(folder, dtype=torch.float32, device=device)
     check_block_size(block_size, net.config)
-    blocks = load_blocks(data, load_tokenizer(folder), block_size, name="data")
+    blocks = load_blocks(data, load_tokenizer(folder, model_vocab_size=net.config.vocab_size), block_size, name="data")
     loss, n_tokens = eval_loss(net, blocks, batch_size, device, autocast_dtype(device, precision))
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": n_tokens, "blocks": blocks.size(0)}

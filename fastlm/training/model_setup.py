@@ -19,7 +19,7 @@ def build_model_and_tokenizer(opts, out_dir):
     resume_from = ckpt.find_resume_checkpoint(out_dir, opts.resume) if opts.resume else None
     if resume_from is not None:
         model = Transformer.from_pretrained(resume_from, dtype=torch.float32, device=opts.device)
-        tokenizer = load_tokenizer(resume_from)
+        tokenizer = load_tokenizer(resume_from, model_vocab_size=model.config.vocab_size)
     elif opts.config is not None:
         tokenizer = _scratch_tokenizer(opts, out_dir)
         config = model_config(opts.config, tokenizer.vocab_size, tokenizer.bos_token_id,
@@ -29,10 +29,8 @@ def build_model_and_tokenizer(opts, out_dir):
     else:
         folder = resolve_model_dir(opts.model)
         model = Transformer.from_pretrained(folder, dtype=torch.float32, device=opts.device)
-        tokenizer = load_tokenizer(opts.tokenizer if opts.tokenizer is not None else folder)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has only "
-                         f"{model.config.vocab_size}")
+        tokenizer = load_tokenizer(opts.tokenizer if opts.tokenizer is not None else folder,
+                                   model_vocab_size=model.config.vocab_size)
     model.train()
     return model, tokenizer, resume_from
 
