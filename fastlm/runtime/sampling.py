@@ -115,7 +115,8 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams, seen: Optional[torch.Tensor] = None):
-    """logits (B, V) -> fp32 scores (B, V) with filtered tokens at -inf. `seen` is required when
+    """logits (B, V) -> fp32 scores (B, V) with filtered tokens at -inf: log-probabilities up to a
+    constant per row (with a temperature, each row's best scores 0). `seen` is required when
     repetition_penalty != 1. With temperature 0 only the penalty applies (argmax follows)."""
     x = logits.float()
     if params.repetition_penalty != 1.0:
