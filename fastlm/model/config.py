@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from fastlm.model.json_files import read_json_object
+from fastlm.model.validation import check_choice, check_positive_int
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -44,22 +45,22 @@ class ModelConfig:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {self.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         for name in ("vocab_size", "dim", "n_layer", "n_head", "max_seq_len"):
-            _check_positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         self.n_kv_head = self.n_head if self.n_kv_head is None else self.n_kv_head
-        _check_positive_int("n_kv_head", self.n_kv_head)
+        check_positive_int("n_kv_head", self.n_kv_head)
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.head_dim is None:
             if self.dim % self.n_head:
                 raise ValueError(f"dim ({self.dim}) must be divisible by n_head ({self.n_head}) unless head_dim is given")
             self.head_dim = self.dim // self.n_head
-        _check_positive_int("head_dim", self.head_dim)
+        check_positive_int("head_dim", self.head_dim)
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.dim if self.mlp != "swiglu" else 64 * math.ceil(8 * self.dim / 3 / 64)
-        _check_positive_int("intermediate_size", self.intermediate_size)
-        _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
-        _check_choice("pos_emb", self.pos_emb, ("learned", "rope"))
-        _check_choice("mlp", self.mlp, MLP_KINDS)
+        check_positive_int("intermediate_size", self.intermediate_size)
+        check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
+        check_choice("pos_emb", self.pos_emb, ("learned", "rope"))
+        check_choice("mlp", self.mlp, MLP_KINDS)
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
         if self.pos_emb == "rope":
@@ -112,16 +113,6 @@ def _read_hf_dict(folder_or_dict) -> dict:
     if path.is_dir() or path.suffix != ".json":
         path = path / "config.json"
     return read_json_object(path, missing_ok=False)
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def _check_rope_scaling(scaling):

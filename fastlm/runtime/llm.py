@@ -88,7 +88,7 @@ class LLM:
         temperature 0 is greedy; top_k 0 / top_p 1 / min_p 0 / repetition_penalty 1 switch those off.
         Ends at eos, at a stop string (it and what follows are dropped), or after max_new_tokens
         (clipped to the context, see the module docstring)."""
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop or (), seed)
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop, seed)
         texts = check_text_prompts(prompt)
         outputs = [[] for _ in texts]
         with closing(self._run(self._encode(texts), params, streaming=False, want_text=True)) as run:
@@ -102,7 +102,7 @@ class LLM:
                top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                stop: Union[str, Sequence[str], None] = None, seed: Optional[int] = None) -> Iterator[str]:
         """Like generate for one prompt, yielding the text as it is produced (pieces join to generate's)."""
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop or (), seed)
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop, seed)
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string for stream(), got {type(prompt).__name__}")
         prompt_ids = self._encode(check_text_prompts(prompt))
@@ -117,7 +117,7 @@ class LLM:
                         seed: Optional[int] = None) -> List[List[int]]:
         """New token ids per prompt (eos excluded). With stop strings, a row's ids end with the token
         that completed the stop string (text cannot be cut inside a token)."""
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop or (), seed)
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop, seed)
         prompts = check_prompt_ids(prompts, self.model.config.vocab_size)
         if params.stop:
             self._need_tokenizer()

@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from fastlm.model.validation import check_int, check_number, check_seed
+
 
 @dataclass
 class SamplingParams:
@@ -35,15 +37,16 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
+        if self.stop is not None and not isinstance(self.stop, (list, tuple)):
+            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         self.stop = tuple(self.stop or ())
-        _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
-        _check_number("temperature", self.temperature, "must be >= 0", lambda v: v >= 0)
-        _check_int("top_k", self.top_k, minimum=0)
-        _check_number("top_p", self.top_p, "must be in (0, 1]", lambda v: 0 < v <= 1)
-        _check_number("min_p", self.min_p, "must be in [0, 1]", lambda v: 0 <= v <= 1)
-        _check_number("repetition_penalty", self.repetition_penalty, "must be > 0", lambda v: v > 0)
-        if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0)
+        check_int("max_new_tokens", self.max_new_tokens, 1)
+        check_number("temperature", self.temperature, 0)
+        check_int("top_k", self.top_k, 0)
+        check_number("top_p", self.top_p, 0, 1, min_open=True)
+        check_number("min_p", self.min_p, 0, 1)
+        check_number("repetition_penalty", self.repetition_penalty, 0, min_open=True)
+        check_seed("seed", self.seed, optional=True)
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must be a string or a list of non-empty strings, got {s!r}")
@@ -52,20 +55,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         """temperature 0, top_k 1, or a temperature too small for fp32 (it would divide by zero)."""
         return self.temperature < _FP32_TINY or self.top_k == 1
-
-
-def _check_int(name, value, *, minimum):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _check_number(name, value, rule, ok):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if not ok(value):
-        raise ValueError(f"{name} {rule}, got {value}")
 
 
 _FP32_TINY = torch.finfo(torch.float32).tiny

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from fastlm.training.data import load_blocks
 from fastlm.model.devices import resolve_device
-from fastlm.training.options import PRECISIONS, _check_int, autocast_dtype
+from fastlm.model.validation import check_choice, check_int
+from fastlm.training.options import PRECISIONS, autocast_dtype
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
 
@@ -28,7 +29,7 @@ def resolve_model_dir(model):
 
 
 def check_block_size(block_size, config):
-    _check_int("block_size", block_size, 1)
+    check_int("block_size", block_size, 1)
     if block_size > config.max_seq_len:
         raise ValueError(f"block_size ({block_size}) is larger than the model's context "
                          f"({config.max_seq_len} tokens); use --block-size {config.max_seq_len} or less")
@@ -72,9 +73,8 @@ def evaluate(model=None, data=None, *, block_size=128, batch_size=8, device=None
 
     if data is None:
         raise ValueError("data must be the path of a text file to evaluate on")
-    _check_int("batch_size", batch_size, 1)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_int("batch_size", batch_size, 1)
+    check_choice("precision", precision, PRECISIONS)
     device = resolve_device(device)
     folder = resolve_model_dir(model)
     net = Transformer.from_pretrained(folder, dtype=torch.float32, device=device)

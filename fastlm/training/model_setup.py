@@ -6,17 +6,16 @@ model). Master weights are fp32 whatever the checkpoint's dtype; bf16 enters onl
 """
 import torch
 
-from fastlm.training import checkpoint as ckpt
 from fastlm.training.configs import model_config
 from fastlm.training.data import train_bpe_tokenizer
+from fastlm.training.output import private_folder
 from fastlm.training.evaluation import resolve_model_dir
 
 
-def build_model_and_tokenizer(opts, out_dir):
-    """(model in train mode on opts.device, tokenizer, checkpoint folder resumed from or None)."""
+def build_model_and_tokenizer(opts, out_dir, resume_from=None):
+    """(model in train mode on opts.device, tokenizer); resume_from: the checkpoint folder resumed."""
     from fastlm.model import Transformer, load_tokenizer
 
-    resume_from = ckpt.find_resume_checkpoint(out_dir, opts.resume) if opts.resume else None
     if resume_from is not None:
         model = Transformer.from_pretrained(resume_from, dtype=torch.float32, device=opts.device)
         tokenizer = load_tokenizer(resume_from, model_vocab_size=model.config.vocab_size)
@@ -32,7 +31,7 @@ def build_model_and_tokenizer(opts, out_dir):
         tokenizer = load_tokenizer(opts.tokenizer if opts.tokenizer is not None else folder,
                                    model_vocab_size=model.config.vocab_size)
     model.train()
-    return model, tokenizer, resume_from
+    return model, tokenizer
 
 
 def _scratch_tokenizer(opts, out_dir):
@@ -40,8 +39,8 @@ def _scratch_tokenizer(opts, out_dir):
 
     if opts.tokenizer is not None:
         return load_tokenizer(opts.tokenizer)
-    # A byte-level BPE on the training text, saved in the output folder (it ships with the model).
-    return load_tokenizer(train_bpe_tokenizer([opts.data], opts.vocab_size, out_dir))
+    # A byte-level BPE on the training text, kept in the run's private folder (it ships with the model).
+    return load_tokenizer(train_bpe_tokenizer([opts.data], opts.vocab_size, private_folder(out_dir, "tokenizer")))
 
 
 def _single(ids):

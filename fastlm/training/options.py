@@ -6,6 +6,7 @@ from typing import Optional, Union
 import torch
 
 from fastlm.model.devices import resolve_device
+from fastlm.model.validation import check_choice, check_int, check_number, check_seed
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -39,8 +40,12 @@ class TrainOptions:
     precision: str = "auto"  # auto: bf16 autocast on CUDA GPUs that support it, fp32 elsewhere
     progress: bool = True  # tqdm progress bar with loss, lr and tokens/s
     log_every: int = 10  # steps between progress/log updates (each one syncs the device)
+    overwrite: bool = False  # replace the contents of a non-empty `out` that holds no run to resume
 
     def __post_init__(self):
+        for name in ("data", "out"):
+            if not isinstance(getattr(self, name), (str, Path)) or not str(getattr(self, name)):
+                raise ValueError(f"{name} must be a path, got {getattr(self, name)!r}")
         if self.model is not None and self.config is not None:
             raise ValueError("give either model (a checkpoint to fine-tune) or config (a preset to train from "
                              "scratch), not both")
@@ -49,25 +54,24 @@ class TrainOptions:
 
             if self.config not in PRESETS:
                 raise ValueError(f"unknown config name {self.config!r}; known configs: {', '.join(preset_names())}")
-        _check_int("block_size", self.block_size, 1)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("grad_accum", self.grad_accum, 1)
-        _check_int("vocab_size", self.vocab_size, 257)
-        _check_int("steps", self.steps, 1, optional=True)
-        _check_int("warmup", self.warmup, 0, optional=True)
-        _check_int("eval_every", self.eval_every, 0)
-        _check_int("eval_batch_size", self.eval_batch_size, 1, optional=True)
-        _check_int("save_every", self.save_every, 0)
-        _check_int("keep_checkpoints", self.keep_checkpoints, 1)
-        _check_int("seed", self.seed, 0)
-        _check_int("log_every", self.log_every, 1)
-        _check_number("lr", self.lr, low=0.0, low_open=True)
-        _check_number("epochs", self.epochs, low=0.0, low_open=True, optional=True)
-        _check_number("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
-        _check_number("weight_decay", self.weight_decay, low=0.0)
-        _check_number("clip", self.clip, low=0.0)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_int("block_size", self.block_size, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("grad_accum", self.grad_accum, 1)
+        check_int("vocab_size", self.vocab_size, 257)
+        check_int("steps", self.steps, 1, optional=True)
+        check_int("warmup", self.warmup, 0, optional=True)
+        check_int("eval_every", self.eval_every, 0)
+        check_int("eval_batch_size", self.eval_batch_size, 1, optional=True)
+        check_int("save_every", self.save_every, 0)
+        check_int("keep_checkpoints", self.keep_checkpoints, 1)
+        check_seed("seed", self.seed)
+        check_int("log_every", self.log_every, 1)
+        check_number("lr", self.lr, 0.0, min_open=True)
+        check_number("epochs", self.epochs, 0.0, min_open=True, optional=True)
+        check_number("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check_number("weight_decay", self.weight_decay, 0.0)
+        check_number("clip", self.clip, 0.0)
+        check_choice("precision", self.precision, PRECISIONS)
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give either steps or epochs, not both")
         self.device = resolve_device(self.device)
@@ -91,23 +95,3 @@ def autocast_dtype(device, precision):
     if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
-
-
-def _check_int(name, value, low, optional=False):
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _check_number(name, value, low=None, high=None, low_open=False, optional=False):
-    if value is None and optional:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value <= high
-    if not ok:
-        bound = f"{'>' if low_open else '>='} {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be a number {bound}, got {value!r}")
