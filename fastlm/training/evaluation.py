@@ -81,4 +81,7 @@ def evaluate(model=None, data=None, *, block_size=128, batch_size=8, device=None
     check_block_size(block_size, net.config)
     blocks = load_blocks(data, load_tokenizer(folder, model_vocab_size=net.config.vocab_size), block_size, name="data")
     loss, n_tokens = eval_loss(net, blocks, batch_size, device, autocast_dtype(device, precision))
+    if not math.isfinite(loss):
+        raise ValueError(f"the loss is not finite ({loss}) on {data}: the model's weights or activations "
+                         f"in {folder} are not finite")
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": n_tokens, "blocks": blocks.size(0)}
