@@ -5,14 +5,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+from fastlm.model.hf_config import config_kwargs_from_hf, config_to_hf
 from fastlm.model.json_files import read_json_object
 from fastlm.model.validation import check_choice, check_positive_int
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
 MLP_KINDS = ("gelu_tanh", "gelu", "swiglu")
-# HF activation names -> our MLP kind (GPT-2's "gelu_new" is the tanh approximation).
-GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
 
 
 @dataclass
@@ -93,14 +92,10 @@ class ModelConfig:
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        from fastlm.model.hf_config import config_kwargs_from_hf
-
         return cls(**config_kwargs_from_hf(hf))
 
     def to_hf(self) -> dict:
         """config.json contents in the HF format of this model's family."""
-        from fastlm.model.hf_config import config_to_hf
-
         return config_to_hf(self)
 
 

@@ -19,33 +19,12 @@ import torch
 
 from fastlm.model.devices import resolve_device
 from fastlm.model.json_files import eos_id_list, read_json_object
+from fastlm.model.model_path import resolve_model_path
 from fastlm.runtime.cpu_linear import pack_linears, packing_available
 from fastlm.runtime.generate import TokenLoop, check_prompt_ids, default_sync_every, new_token_budget
 from fastlm.runtime.sampling import SamplingParams
 from fastlm.runtime.text import SequenceText
 from fastlm.runtime.workspaces import WorkspacePool
-
-
-def default_model_path() -> Path:
-    """The embedded default model shipped inside the package (fastlm/default_model/)."""
-    return Path(__file__).resolve().parent.parent / "default_model"
-
-
-def resolve_model_path(model) -> Path:
-    if model is None:
-        path = default_model_path()
-        if not (path / "config.json").is_file():
-            raise ValueError("no embedded default model in this installation (fastlm/default_model/ is missing); "
-                             "pass a checkpoint path, e.g. LLM('path/to/checkpoint') or --model PATH")
-        return path
-    if not isinstance(model, (str, Path)):
-        raise ValueError(f"model must be a checkpoint folder path, got {type(model).__name__}")
-    path = Path(model)
-    if not path.exists():
-        raise ValueError(f"model path does not exist: {model}")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"model path {model} is not a checkpoint folder (no config.json in it)")
-    return path
 
 
 def check_text_prompts(prompt) -> List[str]:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from fastlm.model.json_files import eos_id_entry
+
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -46,8 +48,8 @@ def _write_generation_config(folder, config, tokenizer):
     path = Path(folder) / "generation_config.json"
     if path.exists():  # save_pretrained may have written one
         return
-    eos = tokenizer.eos_token_ids[0] if len(tokenizer.eos_token_ids) == 1 else list(tokenizer.eos_token_ids)
-    data = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos or config.eos_token_id}
+    eos = eos_id_entry(tokenizer.eos_token_ids)
+    data = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": config.eos_token_id if eos is None else eos}
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 

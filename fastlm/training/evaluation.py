@@ -1,32 +1,15 @@
 """Perplexity of a model on a text file, over the same block packing as training."""
 import contextlib
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from fastlm.training.data import load_blocks
 from fastlm.model.devices import resolve_device
+from fastlm.model.model_path import resolve_model_path
 from fastlm.model.validation import check_choice, check_int
 from fastlm.training.options import PRECISIONS, autocast_dtype
-
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
-
-
-def resolve_model_dir(model):
-    """A checkpoint folder: `model`, or the embedded default model when model is None."""
-    if model is None:
-        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-            raise FileNotFoundError(f"no model given and the embedded default model is missing ({DEFAULT_MODEL_DIR})")
-        return DEFAULT_MODEL_DIR
-    if not isinstance(model, (str, Path)):
-        raise ValueError(f"model must be a checkpoint folder path, got {type(model).__name__}")
-    path = Path(model)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model folder not found: {path}")
-    return path
-
 
 def check_block_size(block_size, config):
     check_int("block_size", block_size, 1)
@@ -76,7 +59,7 @@ def evaluate(model=None, data=None, *, block_size=128, batch_size=8, device=None
     check_int("batch_size", batch_size, 1)
     check_choice("precision", precision, PRECISIONS)
     device = resolve_device(device)
-    folder = resolve_model_dir(model)
+    folder = resolve_model_path(model)
     net = Transformer.from_pretrained(folder, dtype=torch.float32, device=device)
     check_block_size(block_size, net.config)
     blocks = load_blocks(data, load_tokenizer(folder, model_vocab_size=net.config.vocab_size), block_size, name="data")

@@ -6,10 +6,11 @@ model). Master weights are fp32 whatever the checkpoint's dtype; bf16 enters onl
 """
 import torch
 
+from fastlm.model.json_files import eos_id_entry
+from fastlm.model.model_path import resolve_model_path
 from fastlm.training.configs import model_config
 from fastlm.training.data import train_bpe_tokenizer
 from fastlm.training.output import private_folder
-from fastlm.training.evaluation import resolve_model_dir
 
 
 def build_model_and_tokenizer(opts, out_dir, resume_from=None):
@@ -22,11 +23,11 @@ def build_model_and_tokenizer(opts, out_dir, resume_from=None):
     elif opts.config is not None:
         tokenizer = _scratch_tokenizer(opts, out_dir)
         config = model_config(opts.config, tokenizer.vocab_size, tokenizer.bos_token_id,
-                              _single(tokenizer.eos_token_ids))
+                              eos_id_entry(tokenizer.eos_token_ids))
         torch.manual_seed(opts.seed)
         model = Transformer(config).to(device=opts.device, dtype=torch.float32)
     else:
-        folder = resolve_model_dir(opts.model)
+        folder = resolve_model_path(opts.model)
         model = Transformer.from_pretrained(folder, dtype=torch.float32, device=opts.device)
         tokenizer = load_tokenizer(opts.tokenizer if opts.tokenizer is not None else folder,
                                    model_vocab_size=model.config.vocab_size)
@@ -41,11 +42,6 @@ def _scratch_tokenizer(opts, out_dir):
         return load_tokenizer(opts.tokenizer)
     # A byte-level BPE on the training text, kept in the run's private folder (it ships with the model).
     return load_tokenizer(train_bpe_tokenizer([opts.data], opts.vocab_size, private_folder(out_dir, "tokenizer")))
-
-
-def _single(ids):
-    ids = list(ids or [])
-    return ids[0] if len(ids) == 1 else (ids or None)
 
 
 def make_optimizer(model, weight_decay, device):
