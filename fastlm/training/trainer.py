@@ -44,7 +44,10 @@ class TrainResult:
 
 
 def train(**kwargs) -> TrainResult:
-    """Train and save a model; the keyword arguments are TrainOptions' fields (see `fastlm train -h`)."""
+    """Train and save a model; the keyword arguments are TrainOptions' fields (see `fastlm train -h`).
+    Raises ValueError for bad options or an unusable `out` (before training), TrainingDiverged (a
+    ValueError) at a non-finite loss, TrainingInterrupted (a KeyboardInterrupt) on SIGINT/SIGTERM once
+    a resumable checkpoint is saved."""
     return Trainer(TrainOptions.from_kwargs(**kwargs)).run()
 
 
