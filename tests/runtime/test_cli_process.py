@@ -47,7 +47,7 @@ def test_ctrl_c_during_startup_exits_130(checkpoints):
     assert result.returncode == 130 and result.stderr == ""
 
 
-@pytest.mark.parametrize("seed", ["1180591620717411303424", "18446744073709551616", "-1"])
+@pytest.mark.parametrize("seed", ["1180591620717411303424", "18446744073709551616"])
 def test_seed_out_of_range_is_one_line_before_loading(tmp_path, seed):
     result = subprocess.run(cli_command("generate", "hi", "--model", tmp_path / "not_loaded", "--seed", seed),
                             env=cli_env(), capture_output=True, text=True, timeout=300)
