@@ -34,7 +34,8 @@ class GraphedDecodeStep:
                 cache.seqlens.copy_(saved_lengths)
         torch.cuda.current_stream(cache.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: other threads' calls (an LLM shared by threads) may run while this one captures
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.logits = model(self.tokens, cache=cache)[:, -1]  # static output (B, V)
         cache.seqlens.copy_(saved_lengths)
 
