@@ -56,7 +56,7 @@ def test_inverse_frequencies_match_transformers(name):
     expected, attention_scaling = init(hf, device="cpu")
     assert attention_scaling == 1.0  # fastlm applies no cos/sin scale: right only for these kinds
     assert rotary.inv_freq.shape == expected.shape == (cfg.head_dim // 2,)
-    torch.testing.assert_close(rotary.inv_freq, expected.float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(rotary.inv_freq.cpu(), expected.float(), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("name", ["llama-3.1-8b", "llama-3.2-1b"])

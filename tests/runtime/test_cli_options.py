@@ -20,9 +20,11 @@ def llama(llms, checkpoints, reference_kernels):
     return llms["llama_gqa"], str(checkpoints["llama_gqa"][0])
 
 
-def cli_text(capsys, folder, *options):
-    code, out, err = run_cli(capsys, "generate", PROMPT, "--model", folder, "--dtype", "float32", "--device", "cpu",
-                             "--max-new-tokens", "24", *options)
+def cli_text(capsys, llm, folder, *options):
+    """What `fastlm generate` prints for PROMPT, on the device of the LLM it is compared with (seeded
+    sampling draws different numbers on a GPU)."""
+    code, out, err = run_cli(capsys, "generate", PROMPT, "--model", folder, "--dtype", "float32", "--device",
+                             str(llm.device), "--max-new-tokens", "24", *options)
     assert (code, err) == (0, ""), err
     assert out.endswith("\n")
     return out[:-1]
@@ -34,9 +36,9 @@ def test_stop_strings(llama, capsys, stream):
     full = llm.generate(PROMPT, max_new_tokens=24, temperature=0)
     first, second = clean_substring(full, 6, 2), clean_substring(full, 2, 1)
     assert full.index(second) < full.index(first)
-    assert cli_text(capsys, folder, "--temperature", "0", "--stop", first, *stream) == full[:full.index(first)]
+    assert cli_text(capsys, llm, folder, "--temperature", "0", "--stop", first, *stream) == full[:full.index(first)]
     # Repeatable: the earliest of the stop strings ends the text.
-    assert cli_text(capsys, folder, "--temperature", "0", "--stop", first, "--stop", second, *stream) == \
+    assert cli_text(capsys, llm, folder, "--temperature", "0", "--stop", first, "--stop", second, *stream) == \
         full[:full.index(second)]
 
 
@@ -45,7 +47,7 @@ def test_seed(llama, capsys):
     options = dict(max_new_tokens=24, temperature=1.5)
     assert llm.generate(PROMPT, seed=3, **options) != llm.generate(PROMPT, seed=4, **options)
     for seed in ("3", "4"):
-        assert cli_text(capsys, folder, "--temperature", "1.5", "--seed", seed) == \
+        assert cli_text(capsys, llm, folder, "--temperature", "1.5", "--seed", seed) == \
             llm.generate(PROMPT, seed=int(seed), **options)
 
 
@@ -61,7 +63,7 @@ def test_sampling_options_reach_the_api(llama, capsys, flag, option, value, base
     expected = llm.generate(PROMPT, max_new_tokens=24, **base, **{option: value})
     assert expected != llm.generate(PROMPT, max_new_tokens=24, **base)  # the option changes this text
     args = [x for k, v in base.items() for x in (f"--{k}", str(v))]  # temperature and seed
-    assert cli_text(capsys, folder, *args, flag, str(value)) == expected
+    assert cli_text(capsys, llm, folder, *args, flag, str(value)) == expected
 
 
 @pytest.mark.parametrize("args, message", [

@@ -34,7 +34,7 @@ def model(llms, reference_kernels):
 @pytest.mark.parametrize("options", [dict(temperature=0), dict(temperature=1.3, top_k=40, seed=7),
                                      dict(temperature=0.9, repetition_penalty=1.5, seed=2)],
                          ids=["greedy", "sampled", "penalty"])
-@pytest.mark.parametrize("interval", INTERVALS)
+@pytest.mark.parametrize("interval", INTERVALS[1:])
 def test_every_interval_gives_the_ids_of_interval_1(model, interval, options):
     params = SamplingParams(max_new_tokens=N_NEW, **options)
     expected, _ = run_loop(model, PROMPTS, params, (), 1)
@@ -42,11 +42,12 @@ def test_every_interval_gives_the_ids_of_interval_1(model, interval, options):
     ids, chunks = run_loop(model, PROMPTS, params, (), interval)
     assert ids == expected
     # Reads every `interval` steps and once more at the end for the partial last window.
-    assert [len(chunk[0]) for chunk in chunks] == [interval] * (N_NEW // interval) + [N_NEW % interval] * (N_NEW % interval > 0)
+    full_windows, rest = divmod(N_NEW, interval)
+    assert [len(chunk[0]) for chunk in chunks] == [interval] * full_windows + [rest] * (rest > 0)
 
 
 @pytest.mark.parametrize("interval", INTERVALS)
-@pytest.mark.parametrize("eos_at", [4, 5, 9])  # inside the windows of 3 and 8, not at their ends
+@pytest.mark.parametrize("eos_at", [4, 9])  # inside windows of 3 and of 8, not at their ends
 def test_eos_inside_a_read_window_ends_that_row_exactly(model, interval, eos_at):
     params = SamplingParams(max_new_tokens=N_NEW, temperature=0)
     free, _ = run_loop(model, PROMPTS, params, (), 1)
@@ -98,9 +99,10 @@ def test_llm_ids_and_stop_strings_with_a_read_interval(llms, reference_kernels, 
 
 
 def test_cuda_graph_step_refuses_a_cpu_cache(model):
+    cpu_cache = model.new_cache(1, 16, device="cpu")
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA cache, got device cpu"):
-        cuda_graph.GraphedDecodeStep(model, model.new_cache(1, 16))
-    step = cuda_graph.make_decode_step(model, model.new_cache(1, 16))
+        cuda_graph.GraphedDecodeStep(model, cpu_cache)
+    step = cuda_graph.make_decode_step(model, cpu_cache)
     assert isinstance(step, DecodeStep) and not step.uses_cuda_graph and step.capture_error is None
 
 

@@ -83,8 +83,8 @@ def test_epochs_become_optimizer_steps(corpus, tokenizer_dir, tmp_path, epochs, 
 
 def test_a_run_by_epochs_does_those_steps(corpus, tokenizer_dir, tmp_path, reference_kernels):
     per_epoch = blocks_per_epoch(corpus, tokenizer_dir, RUN["block_size"], 48)
-    result = train(corpus, tokenizer_dir, tmp_path, epochs=1.5, batch_size=48, grad_accum=2, warmup=1)
-    assert result.steps == math.ceil(1.5 * per_epoch / 2) and result.tokens == result.steps * 2 * 48 * 32
+    result = train(corpus, tokenizer_dir, tmp_path, epochs=0.5, batch_size=48, grad_accum=2, warmup=1)
+    assert result.steps == math.ceil(0.5 * per_epoch / 2) and result.tokens == result.steps * 2 * 48 * 32
 
 
 def test_gradient_accumulation_equals_the_larger_batch(corpus, tokenizer_dir, tmp_path, reference_kernels):
@@ -121,7 +121,8 @@ def test_weight_decay_only_on_linear_matrices(config, untied_head):
     names = {id(p): name for name, p in model.named_parameters()}
     decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.25 for p in g["params"]}
     spared = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
-    expected = {n for n in names.values() if LINEAR_MATRIX.fullmatch(n)} | ({"lm_head.weight"} if untied_head else set())
+    expected = {n for n in names.values() if LINEAR_MATRIX.fullmatch(n)}
+    expected |= {"lm_head.weight"} if untied_head else set()
     assert len(expected) == 4 * config.n_layer + untied_head
     assert decayed == expected
     assert spared == set(names.values()) - expected  # norms, biases, embeddings (and the head tied to one)
@@ -135,9 +136,9 @@ def test_eval_loss_does_not_depend_on_the_batch_size(corpus, tokenizer_dir, refe
     model = Transformer(model_config("tiny", 320)).eval()
     blocks = load_blocks(corpus[1], load_tokenizer(tokenizer_dir), 32, "eval")
     assert blocks.size(0) % 7 != 0
-    whole = eval_loss(model, blocks, blocks.size(0), torch.device("cpu"))
+    whole = eval_loss(model, blocks, blocks.size(0), model.device)
     for batch_size in (3, 7, blocks.size(0) + 5):
-        loss, tokens = eval_loss(model, blocks, batch_size, torch.device("cpu"))
+        loss, tokens = eval_loss(model, blocks, batch_size, model.device)
         assert tokens == whole[1] == blocks.size(0) * 32
         assert loss == pytest.approx(whole[0], rel=1e-6)
 
