@@ -84,7 +84,7 @@ def run_bench(args) -> int:
     hf_model = _load_hf(llm) if args.compare_hf else None
     weight_gb = bench.weight_bytes_per_step(llm.model) / 1e9
     print(f"model {llm.path} ({llm.model.config.model_type}, {llm.model.dtype}, {llm.device}); "
-          f"prompt {args.prompt_len}, {args.new_tokens} new tokens; weights {weight_gb:.3f} GB per step")
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens; weights {weight_gb:.4g} GB per step")
     header = f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'weights GB/s':>13}"
     print(header + (f" {'HF prefill':>11} {'HF decode':>10} {'decode x HF':>11}" if hf_model else ""))
     for batch in args.batch_size:

@@ -49,6 +49,9 @@ class DecodeStep:
     """One batched decode step: tokens (B,) -> logits (B, V), advancing the cache by one. Eager; see
     cuda_graph.GraphedDecodeStep for the captured version with the same interface."""
 
+    uses_cuda_graph = False  # callers (and GPU tests) check this to see whether a graph replays
+    capture_error = None  # why make_decode_step fell back to this eager step on a GPU (None: it did not)
+
     def __init__(self, model, cache):
         self.model, self.cache = model, cache
 
