@@ -18,6 +18,7 @@ import torch  # noqa: E402
 # import, so a first import inside a test that switches to the reference path would leave compiled-mode
 # kernels behind for every later interpreter test.
 import fastlm.kernels  # noqa: E402,F401
+from fastlm.kernels._utils import KERNELS_ENV  # noqa: E402
 
 if ON_CUDA:
     torch.set_default_device("cuda")
@@ -32,6 +33,8 @@ def seed():
 
 @pytest.fixture
 def reference_kernels(monkeypatch):
-    """Run fastlm's CPU path (the PyTorch references) instead of the interpreter: for model and
-    runtime tests, where the kernels themselves are tested elsewhere and the interpreter is slow."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    """On CPU, fastlm's PyTorch references instead of the interpreter (FASTLM_KERNELS=reference, the
+    kernels' documented switch): for model and runtime tests, where the kernels themselves are tested
+    elsewhere and the interpreter is slow. On a GPU the compiled kernels are fast and keep running."""
+    if not ON_CUDA:
+        monkeypatch.setenv(KERNELS_ENV, "reference")

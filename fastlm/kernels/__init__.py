@@ -2,7 +2,26 @@
 
 Imports only torch and triton (never transformers, never the rest of fastlm).
 CUDA tensors run the Triton kernels; CPU tensors run the PyTorch references, or the Triton kernels
-under the interpreter when TRITON_INTERPRET=1.
+under the interpreter when TRITON_INTERPRET=1; FASTLM_KERNELS=reference forces the references everywhere.
+
+Layout: one family per public file over a private kernel module; imports run one way, at module top:
+
+    __init__.py, patch.py          the package API; patch() for transformers models
+      -> norms.py, attention.py    public family files, read top to bottom: PyTorch references, custom ops
+                                   (torch.library: fake + autograd, calling a launcher or the reference),
+                                   public functions (validation, docstring), nn.Modules
+        -> _norm.py, _flash.py, _decode.py
+                                   private kernel modules: header docstring (math, shapes, limits), the
+                                   @triton.jit kernels, their launch configurations and host launchers
+                                   (launch_*), and LAUNCHES: the configurations compile_check builds
+          -> _utils.py             dispatch rule (use_triton), argument checks, launch helpers, Launch
+    compile_check.py               ahead-of-time compile of every module in its KERNEL_MODULES
+
+A public function reaches its kernel through two files: rms_norm -> fastlm::norm_fwd (norms.py) ->
+launch_norm_fwd -> _norm_fwd (_norm.py). A new family (e.g. quantized matmul, paged attention) adds a
+private `_family.py` (kernels + launchers + LAUNCHES, one line in compile_check.KERNEL_MODULES) and puts
+its reference, op and public function in a public file; it imports only downwards and no private
+(underscored) name from another module: private modules export their launchers without an underscore.
 """
 from fastlm.kernels.attention import attention_ref, decode_attention, flash_attention
 from fastlm.kernels.norms import LayerNorm, RMSNorm, layer_norm, layer_norm_ref, rms_norm, rms_norm_ref

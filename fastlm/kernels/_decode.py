@@ -6,10 +6,15 @@ The split kernel handles one (batch, KV head, chunk of the cache): the group's q
 Sq queries form the M rows of one tl.dot (padded to BLOCK_H >= 16), so each K/V byte is read once.
 It writes an fp32 partial output and its log2-domain LSE per (row, chunk); the combine kernel merges
 the chunks by their LSE. Chunks past a sequence's length write LSE = -inf and weigh nothing.
-The host side is in attention.py.
+Below the kernels: the launch configuration, the launcher, and LAUNCHES (what the compile check builds).
+The reference, the custom op and the public function are in attention.py.
 """
+import torch
 import triton
 import triton.language as tl
+
+from fastlm.kernels._utils import (LOG2E, Launch, cdiv, device_guard, dot_precision, head_dim_block,
+                                   last_dim_contiguous, sm_count)
 
 
 @triton.jit
@@ -95,3 +100,80 @@ def _decode_combine(O_PART, LSE_PART, O,  # partials (B, Sq, Hq, n_splits[, D]) 
     out = tl.sum(o * w[:, None], 0) / denom
     tl.store(O + b * stride_ob + s * stride_os + h * stride_oh + offs_d, out.to(O.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch configuration and the launcher
+
+MAX_ROWS = 64  # query rows (group x Sq) per program; larger groups take several programs
+MAX_SPLITS = 128
+
+
+def decode_config(head_dim, dtype, rows):
+    """(BLOCK_H, BLOCK_N, num_warps, num_stages) of the split kernel for `rows` = group x Sq."""
+    block_h = min(MAX_ROWS, max(16, 1 << (rows - 1).bit_length()))
+    block_n = 64 if head_dim_block(head_dim) <= 128 and dtype != torch.float32 else 32
+    return block_h, block_n, 4, 3
+
+
+def decode_splits(batch, n_kv_heads, max_seqlen, block_n, n_sms=132):
+    """(n_splits, chunk): enough chunks to give every SM about four programs (latency hiding); depends on
+    shapes only, never on the lengths, so a captured CUDA graph stays valid."""
+    n_blocks = cdiv(max_seqlen, block_n)
+    want = max(1, cdiv(4 * n_sms, batch * n_kv_heads))
+    splits = max(1, min(want, MAX_SPLITS, n_blocks))
+    chunk = cdiv(n_blocks, splits) * block_n
+    return cdiv(max_seqlen, chunk), chunk
+
+
+def combine_config(n_splits, head_dim):
+    """(BLOCK_S, num_warps) of the combine kernel. Its (BLOCK_S, BLOCK_D) fp32 tile lives in registers:
+    at most 128 values per thread (128 splits x D=256 on 4 warps spilled)."""
+    block_s = max(2, 1 << (n_splits - 1).bit_length())
+    return block_s, max(4, min(16, block_s * head_dim_block(head_dim) // 4096))
+
+
+def launch_decode(q, k_cache, v_cache, cache_seqlens, scale):
+    """o (B, Sq, Hq, D) in q's dtype: q's Sq new tokens over the first cache_seqlens[b] cache entries."""
+    B, Sq, Hq, D = q.shape
+    S_max, Hkv = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    q, k_cache, v_cache = (last_dim_contiguous(t) for t in (q, k_cache, v_cache))
+    block_h, block_n, warps, stages = decode_config(D, q.dtype, group * Sq)
+    n_splits, chunk = decode_splits(B, Hkv, S_max, block_n, sm_count(q.device))
+    o_part = torch.empty((B, Sq, Hq, n_splits, D), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((B, Sq, Hq, n_splits), dtype=torch.float32, device=q.device)
+    o = torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=q.device)
+    block_s, combine_warps = combine_config(n_splits, D)
+    with device_guard(q):
+        _decode_split[(B * Hkv, n_splits, cdiv(group * Sq, block_h))](
+            q, k_cache, v_cache, cache_seqlens, o_part, lse_part, *q.stride()[:3], *k_cache.stride()[:3],
+            *v_cache.stride()[:3], Hkv, group, Sq, S_max, n_splits, chunk, scale * LOG2E,
+            BLOCK_H=block_h, BLOCK_N=block_n, HEAD_DIM=D, BLOCK_D=head_dim_block(D), PREC=dot_precision(q.dtype),
+            num_warps=warps, num_stages=stages)
+        _decode_combine[(B * Sq * Hq,)](o_part, lse_part, o, *o.stride()[:3], Hq, Sq, n_splits,
+                                        BLOCK_S=block_s, HEAD_DIM=D, BLOCK_D=head_dim_block(D),
+                                        num_warps=combine_warps)
+    return o
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configurations the compile check builds: bf16 for group x Sq row counts 4..32 and head dims 64..256,
+# fp16 for one row; the combine kernel at MAX_SPLITS chunks.
+
+
+def _launches(head_dim, dtype, rows):
+    bh, bn, warps, stages = decode_config(head_dim, dtype, rows)
+    block_s, combine_warps = combine_config(MAX_SPLITS, head_dim)
+    shape = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim))
+    return [Launch(_decode_split, dtype, dict(BLOCK_H=bh, BLOCK_N=bn, PREC=dot_precision(dtype), **shape), warps,
+                   stages, fp32=("O_PART", "LSE_PART"), int32=("SEQLENS",), mma=True, tag=f"D={head_dim},{bh}x{bn}"),
+            Launch(_decode_combine, dtype, dict(BLOCK_S=block_s, **shape), combine_warps,
+                   fp32=("O_PART", "LSE_PART"), tag=f"D={head_dim}")]
+
+
+LAUNCHES = [launch for head_dim, dtype, rows in ((64, torch.bfloat16, 4), (128, torch.bfloat16, 8),
+                                                 (128, torch.bfloat16, 32), (256, torch.bfloat16, 8),
+                                                 (128, torch.float16, 1))
+            for launch in _launches(head_dim, dtype, rows)]

@@ -7,10 +7,16 @@ get output 0 and LSE = +inf, so the backward's exp2(s - LSE) is 0 for them.
 Causal masks align bottom-right: query i sees keys j <= i + (Sk - Sq).
 Grids put (batch x heads) on axis 0 (no 65535 limit) and sequence blocks on axis 1; consecutive
 programs are neighbouring heads, which share K/V under GQA (L2 reuse).
-The host side (configs, launchers, autograd) is in attention.py.
+Below the kernels: their launch configurations (one helper per kernel, used by the launchers and by
+LAUNCHES, the list the compile check builds) and the host launchers. The reference, the custom ops
+and the public function are in attention.py.
 """
+import torch
 import triton
 import triton.language as tl
+
+from fastlm.kernels._utils import (LOG2E, Launch, cdiv, device_guard, dot_precision, gpu_arch, head_dim_block,
+                                   last_dim_contiguous, sm_count)
 
 
 @triton.jit
@@ -252,3 +258,140 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,  # q/do/dq (B,Sq,Hq,D); k/v (B,Sk,
         k_ptrs += BLOCK_N * stride_ks
         v_ptrs += BLOCK_N * stride_ks
     _store_rows(DQ + q_off, (dq * softmax_scale).to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D)
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch configurations
+
+
+def flash_fwd_config(head_dim, dtype, arch=80):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel: the largest tiles that
+    compile without register spills (see LAUNCHES). sm_80's mma keeps whole K/V tiles as register
+    fragments, so it takes BLOCK_N = 32 at D = 128; sm_90's wgmma reads them from shared memory."""
+    block_d = head_dim_block(head_dim)
+    if dtype == torch.float32:  # no tensor cores (IEEE fp32): small tiles
+        return (16, 32, 4, 1) if block_d <= 128 else (16, 16, 4, 1)
+    if block_d <= 64:
+        return (128, 128, 8, 3) if arch >= 90 else (128, 64, 8, 3)
+    if block_d <= 128:
+        return (128, 64, 8, 3) if arch >= 90 else (128, 32, 8, 3)
+    return (128, 32, 8, 2) if arch >= 90 else (64, 32, 8, 2)
+
+
+DKDV_CONFIGS = {64: (32, 64, 8, 2), 128: (32, 64, 8, 2), 256: (32, 32, 8, 1)}
+DELTA_BLOCK_M = 64
+
+
+def flash_bwd_config(head_dim, dtype, kernel):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the backward `kernel` ("dkdv" or "dq").
+    dK/dV keeps four (BLOCK_N, D) tiles live (k, v, dk, dv), so its tiles are smaller."""
+    block_d = head_dim_block(head_dim)
+    if dtype == torch.float32:
+        return 16, 16, 4, 1
+    if kernel == "dq":
+        if block_d <= 64:
+            return 64, 64, 4, 2
+        return (64, 64, 8, 2) if block_d <= 128 else (32, 32, 4, 1)
+    return DKDV_CONFIGS[max(block_d, 64)]
+
+
+def dkdv_group_splits(programs, group, n_sms):
+    """Split each GQA group over 2, 4, ... dK/dV programs while there are fewer than two per SM."""
+    n_split = 1
+    while group % (2 * n_split) == 0 and programs * n_split < 2 * n_sms:
+        n_split *= 2
+    return n_split
+
+
+# ---------------------------------------------------------------------------------------------------
+# Host launchers
+
+
+def launch_flash_fwd(q, k, v, causal, scale):
+    """o (B, Sq, Hq, D) in q's dtype, lse (B, Hq, Sq) fp32 (log2 domain, +inf for fully masked rows)."""
+    B, Sq, Hq, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    o = torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    block_m, block_n, warps, stages = flash_fwd_config(D, q.dtype, gpu_arch(q.device))
+    with device_guard(q):
+        _attn_fwd[(B * Hq, cdiv(Sq, block_m))](
+            q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+            Hq, Hq // Hkv, Sq, Sk, scale * LOG2E, IS_CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n,
+            HEAD_DIM=D, BLOCK_D=head_dim_block(D), PREC=dot_precision(q.dtype), num_warps=warps, num_stages=stages)
+    return o, lse
+
+
+def launch_flash_bwd(do, q, k, v, o, lse, causal, scale):
+    """dq, dk, dv in the inputs' dtypes (GQA: dk, dv summed over each key head's group)."""
+    B, Sq, Hq, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    q, k, v, o, do = (t.contiguous() for t in (q, k, v, o, do))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    shape = dict(HEAD_DIM=D, BLOCK_D=head_dim_block(D))
+    common = dict(IS_CAUSAL=causal, PREC=dot_precision(q.dtype), **shape)
+    with device_guard(q):
+        _attn_bwd_delta[(B * Hq, cdiv(Sq, DELTA_BLOCK_M))](o, do, delta, *o.stride()[:3], Hq, Sq,
+                                                             BLOCK_M=DELTA_BLOCK_M, num_warps=4, **shape)
+        block_m, block_n, warps, stages = flash_bwd_config(D, q.dtype, "dkdv")
+        n_split = dkdv_group_splits(B * Hkv * cdiv(Sk, block_n), Hq // Hkv, sm_count(q.device))
+        if n_split > 1:  # fp32 partial sums over slices of each GQA group, added below
+            dk = torch.empty((n_split,) + k.shape, dtype=torch.float32, device=k.device)
+            dv = torch.empty_like(dk)
+        _attn_bwd_dkdv[(B * Hkv * n_split, cdiv(Sk, block_n))](
+            q, k, v, do, dk, dv, lse, delta, *q.stride()[:3], *k.stride()[:3], dk.stride(0) if n_split > 1 else 0,
+            Hkv, Hq // Hkv, Hq // Hkv // n_split, Sq, Sk, scale * LOG2E, scale,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
+        if n_split > 1:
+            dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
+        block_m, block_n, warps, stages = flash_bwd_config(D, q.dtype, "dq")
+        _attn_bwd_dq[(B * Hq, cdiv(Sq, block_m))](
+            q, k, v, do, dq, lse, delta, *q.stride()[:3], *k.stride()[:3], Hq, Hq // Hkv, Sq, Sk,
+            scale * LOG2E, scale, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configurations the compile check builds: bf16 for every head-dim class (64, odd 80, 128, 256) and both
+# passes; fp16 and non-causal for D=128; the dK/dV kernel writing fp32 partial sums (GQA group split).
+# fp32 (IEEE FMA, not tensor cores) is a correctness path and not listed.
+
+
+def _fwd_launches(head_dim, dtype, causal=True):
+    constexprs = dict(IS_CAUSAL=causal, PREC=dot_precision(dtype), HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim))
+    by_config = {}  # one launch per distinct configuration, with the archs that pick it
+    for arch in (80, 90):
+        by_config.setdefault(flash_fwd_config(head_dim, dtype, arch), []).append(arch)
+    tag = f"D={head_dim}{'' if causal else ',full'}"
+    return [Launch(_attn_fwd, dtype, dict(constexprs, BLOCK_M=bm, BLOCK_N=bn), warps, stages, fp32=("LSE",),
+                   mma=True, targets=tuple(archs), tag=f"{tag},{bm}x{bn}")
+            for (bm, bn, warps, stages), archs in by_config.items()]
+
+
+def _bwd_launches(head_dim, dtype, split_group=False):
+    constexprs = dict(IS_CAUSAL=True, PREC=dot_precision(dtype), HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim))
+    launches = []
+    for name, kernel in (("dkdv", _attn_bwd_dkdv),) + ((("dq", _attn_bwd_dq),) if not split_group else ()):
+        bm, bn, warps, stages = flash_bwd_config(head_dim, dtype, name)
+        partials = ("DK", "DV") if split_group else ()
+        launches.append(Launch(kernel, dtype, dict(constexprs, BLOCK_M=bm, BLOCK_N=bn), warps, stages,
+                               fp32=("LSE", "DELTA") + partials, mma=True,
+                               tag=f"D={head_dim},{bm}x{bn}{',split' if split_group else ''}"))
+    return launches
+
+
+def _delta_launch(head_dim, dtype):
+    return Launch(_attn_bwd_delta, dtype, dict(BLOCK_M=DELTA_BLOCK_M, HEAD_DIM=head_dim,
+                                               BLOCK_D=head_dim_block(head_dim)), 4, fp32=("DELTA",),
+                  tag=f"D={head_dim}")
+
+
+LAUNCHES = [launch for head_dim in (64, 80, 128, 256) for launch in
+            _fwd_launches(head_dim, torch.bfloat16) + _bwd_launches(head_dim, torch.bfloat16)
+            + [_delta_launch(head_dim, torch.bfloat16)]]
+LAUNCHES += _fwd_launches(128, torch.float16) + _bwd_launches(128, torch.float16)
+LAUNCHES += _fwd_launches(128, torch.bfloat16, causal=False)
+LAUNCHES += _bwd_launches(64, torch.bfloat16, split_group=True) + _bwd_launches(128, torch.bfloat16, split_group=True)

@@ -1,8 +1,13 @@
 """Ahead-of-time compile of every Triton kernel in fastlm.kernels, with no GPU and no driver.
 
-Each kernel file exposes `compile_specs()`: the (kernel, signature, constexprs, warps, stages)
-combinations its launcher really uses. A kernel file joins the check with one line in KERNEL_MODULES.
-For each spec and target (sm_80, sm_90) we compile to a cubin and read `cuobjdump --dump-resource-usage`
+Each private kernel module lists, as data, the configurations its launchers really use: `LAUNCHES`, a
+list of fastlm.kernels._utils.Launch (kernel, dtype, constexprs, warps, stages, fp32/int32 pointers,
+tensor cores expected, archs). A kernel module joins the check with one line in KERNEL_MODULES.
+`spec()` below is the one place that turns a Launch into a Triton signature, by the house naming rule:
+UPPERCASE parameters are pointers (of the launch's dtype unless listed as fp32/int32), `eps` and
+`*scale` are fp32 scalars, every other parameter an i32; pointers and strides carry the 16-divisibility
+the runtime specializes them on. For each spec and target (sm_80, sm_90) we compile to a cubin and read
+`cuobjdump --dump-resource-usage`
 (registers, shared memory, STACK, LOCAL; non-zero STACK/LOCAL means register spills) and, where the
 spec asks for tensor cores, grep the SASS for HMMA/HGMMA.
 
@@ -14,7 +19,6 @@ command clears it and re-executes itself when it is set.
 """
 import argparse
 import dataclasses
-import importlib
 import json
 import os
 import re
@@ -22,19 +26,18 @@ import subprocess
 import sys
 import tempfile
 
-KERNEL_MODULES = [
-    "fastlm.kernels.norms",
-    "fastlm.kernels.attention",
-    "fastlm.kernels._quant",
-]
+from fastlm.kernels import _decode, _flash, _norm, _quant  # the kernel modules this check builds
+
+KERNEL_MODULES = [module.__name__ for module in (_norm, _flash, _decode, _quant)]
 TARGETS = (80, 90)
+POINTER_TYPES = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "int32": "*i32"}
 
 
 @dataclasses.dataclass
 class KernelSpec:
-    name: str  # a readable label: kernel + the configuration, e.g. "rms_norm_fwd[N=4096,fp16]"
+    name: str  # a readable label: kernel + the configuration, e.g. "norm_fwd[rms,BLOCK=1x4096,bfloat16,w16]"
     fn: object  # the @triton.jit function
-    signature: dict  # {"X": "*fp16", "N": "i32", "BLOCK_N": "constexpr", ...}
+    signature: dict  # {"X": "*fp16", "n_cols": "i32", "BLOCK_N": "constexpr", ...}
     constexprs: dict  # {"BLOCK_N": 4096, ...}
     num_warps: int = 4
     num_stages: int = 3
@@ -96,11 +99,39 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompileResult:
                          usage.get("STACK", 0), usage.get("LOCAL", 0), mma, spec.expect_mma)
 
 
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def spec(launch) -> KernelSpec:
+    """The compile spec of one fastlm.kernels._utils.Launch (the naming rule is in the module docstring)."""
+    signature, attrs = {}, {}
+    for i, arg in enumerate(launch.kernel.arg_names):
+        if arg in launch.constexprs:
+            signature[arg] = "constexpr"
+        elif arg.isupper():
+            dtype = "float32" if arg in launch.fp32 else "int32" if arg in launch.int32 else _dtype_name(launch.dtype)
+            signature[arg] = POINTER_TYPES[dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif arg == "eps" or arg.endswith("scale"):
+            signature[arg] = "fp32"
+        else:
+            signature[arg] = "i32"
+            if arg.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    name = f"{launch.kernel.__name__.lstrip('_')}[{launch.tag},{_dtype_name(launch.dtype)},w{launch.num_warps}]"
+    return KernelSpec(name, launch.kernel, signature, dict(launch.constexprs), launch.num_warps, launch.num_stages,
+                      launch.mma, attrs, tuple(launch.targets))
+
+
 def all_specs(modules=KERNEL_MODULES):
-    specs = []
+    """One spec per distinct launch of the modules' LAUNCHES."""
+    specs = {}
     for module_name in modules:
-        specs.extend(importlib.import_module(module_name).compile_specs())
-    return specs
+        for launch in sys.modules[module_name].LAUNCHES:
+            s = spec(launch)
+            specs.setdefault(s.name, s)
+    return list(specs.values())
 
 
 def compile_all(name_filter: str = "", modules=KERNEL_MODULES):
@@ -119,7 +150,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print results as JSON lines")
     parser.add_argument("--filter", default="", help="only kernels whose label contains this")
-    parser.add_argument("--module", action="append", help="only this kernel module (repeatable)")
+    parser.add_argument("--module", action="append", choices=KERNEL_MODULES,
+                        help="only this kernel module (repeatable)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter would hide the real kernels
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

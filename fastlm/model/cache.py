@@ -7,6 +7,7 @@ seqlens in place, on device, so a decode step never synchronizes with the host."
 import torch
 
 from fastlm.kernels._utils import FLOAT_DTYPES
+from fastlm.model.validation import check_positive_int
 
 
 class KVCache(torch.nn.Module):
@@ -14,8 +15,7 @@ class KVCache(torch.nn.Module):
         super().__init__()
         for name, value in (("n_layer", n_layer), ("batch_size", batch_size), ("max_seq_len", max_seq_len),
                             ("n_kv_head", n_kv_head), ("head_dim", head_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, value)
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
         shape = (n_layer, batch_size, max_seq_len, n_kv_head, head_dim)

@@ -1,16 +1,17 @@
 """ModelConfig: the few fields in which GPT-2 and the Llama family (Llama 2/3, Mistral, Qwen2) differ,
 read from a Hugging Face `config.json` (both the transformers 4 and 5 spellings of RoPE settings)."""
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+from fastlm.model.hf_config import config_kwargs_from_hf, config_to_hf
+from fastlm.model.json_files import read_json_object
+from fastlm.model.validation import check_choice, check_positive_int
+
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
 MLP_KINDS = ("gelu_tanh", "gelu", "swiglu")
-# HF activation names -> our MLP kind (GPT-2's "gelu_new" is the tanh approximation).
-GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
 
 
 @dataclass
@@ -43,22 +44,22 @@ class ModelConfig:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {self.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         for name in ("vocab_size", "dim", "n_layer", "n_head", "max_seq_len"):
-            _check_positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         self.n_kv_head = self.n_head if self.n_kv_head is None else self.n_kv_head
-        _check_positive_int("n_kv_head", self.n_kv_head)
+        check_positive_int("n_kv_head", self.n_kv_head)
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.head_dim is None:
             if self.dim % self.n_head:
                 raise ValueError(f"dim ({self.dim}) must be divisible by n_head ({self.n_head}) unless head_dim is given")
             self.head_dim = self.dim // self.n_head
-        _check_positive_int("head_dim", self.head_dim)
+        check_positive_int("head_dim", self.head_dim)
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.dim if self.mlp != "swiglu" else 64 * math.ceil(8 * self.dim / 3 / 64)
-        _check_positive_int("intermediate_size", self.intermediate_size)
-        _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
-        _check_choice("pos_emb", self.pos_emb, ("learned", "rope"))
-        _check_choice("mlp", self.mlp, MLP_KINDS)
+        check_positive_int("intermediate_size", self.intermediate_size)
+        check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
+        check_choice("pos_emb", self.pos_emb, ("learned", "rope"))
+        check_choice("mlp", self.mlp, MLP_KINDS)
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
         if self.pos_emb == "rope":
@@ -91,14 +92,10 @@ class ModelConfig:
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        from fastlm.model.hf_config import config_kwargs_from_hf
-
         return cls(**config_kwargs_from_hf(hf))
 
     def to_hf(self) -> dict:
         """config.json contents in the HF format of this model's family."""
-        from fastlm.model.hf_config import config_to_hf
-
         return config_to_hf(self)
 
 
@@ -110,25 +107,7 @@ def _read_hf_dict(folder_or_dict) -> dict:
     path = Path(folder_or_dict)
     if path.is_dir() or path.suffix != ".json":
         path = path / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return read_json_object(path, missing_ok=False)
 
 
 def _check_rope_scaling(scaling):

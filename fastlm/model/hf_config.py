@@ -10,6 +10,8 @@ LLAMA_DEFAULTS = {
                 "vocab_size": 32000, "sliding_window": 4096},
     "qwen2": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "vocab_size": 151936},
 }
+# HF activation names -> our MLP kind (GPT-2's "gelu_new" is the tanh approximation).
+GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM"}
 
@@ -27,8 +29,6 @@ def _gpt2_kwargs(hf: dict) -> dict:
     _reject(hf, "scale_attn_weights", False, "GPT-2 without scale_attn_weights")
     _reject(hf, "add_cross_attention", True, "GPT-2 with cross-attention")
     act = hf.get("activation_function", "gelu_new")
-    from fastlm.model.config import GPT2_ACTIVATIONS
-
     if act not in GPT2_ACTIVATIONS:
         raise ValueError(f"activation_function {act!r} is not supported for gpt2; supported: {', '.join(GPT2_ACTIVATIONS)}")
     dim = hf.get("n_embd", 768)

@@ -8,6 +8,7 @@ model with `load_state_dict(assign=True)`. Any problem raises one error naming t
 returned only when every parameter was loaded. A checkpoint in fastlm's quantized format
 (fastlm.model.quantize) gets QuantLinear layers whose integer weights and fp32 scales load as stored."""
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -157,5 +158,20 @@ def save_pretrained(model, out_dir):
     hf_config.update(dtype=dtype_name, torch_dtype=dtype_name)
     if getattr(model, "quant_config", None) is not None:
         hf_config["quantization_config"] = model.quant_config.to_json()
-    save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    weights = out / "model.safetensors"
+    save_file(hf_state_dict(model), str(weights), metadata={"format": "pt"})
+    os.chmod(weights, 0o666 & ~_umask())  # safetensors creates it 0600; give it the mode of the other files
     (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows; os.umask sets it back at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

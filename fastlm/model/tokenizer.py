@@ -7,6 +7,8 @@ tokenizer_config's add_bos_token when present, else what tokenizer.json's post-p
 import json
 from pathlib import Path
 
+from fastlm.model.json_files import eos_id_list, read_json_object
+
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors
 
@@ -49,6 +51,7 @@ class Tokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token(self, token_id):
+        """The token string of an id; None for None or an id the tokenizer does not have."""
         return None if token_id is None else self.backend.id_to_token(token_id)
 
     def save(self, out_dir) -> None:
@@ -58,13 +61,15 @@ class Tokenizer:
         out.mkdir(parents=True, exist_ok=True)
         self._backend_for_hf().save(str(out / "tokenizer.json"))
         special = {f"{k}_token": self.token(i) for k, i in
-                   (("bos", self.bos_token_id), ("eos", self.eos_token_id), ("pad", self.pad_token_id)) if i is not None}
+                   (("bos", self.bos_token_id), ("eos", self.eos_token_id), ("pad", self.pad_token_id))
+                   if self.token(i) is not None}  # an id beyond the tokenizer's tokens: generation_config only
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.add_bos, **special}
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
-        if len(self.eos_token_ids) > 1:  # only generation_config.json can hold several eos ids
+        if len(self.eos_token_ids) > 1 or "eos_token" not in special and self.eos_token_ids:
+            # only generation_config.json can hold several eos ids, or one the tokenizer lacks
             gen_path = out / "generation_config.json"
-            gen = {**_read_json(gen_path), "eos_token_id": self.eos_token_ids}
+            gen = {**read_json_object(gen_path), "eos_token_id": self.eos_token_ids}
             gen_path.write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
 
     def _backend_for_hf(self) -> HFTokenizer:
@@ -81,24 +86,33 @@ class Tokenizer:
         return backend
 
 
-def load_tokenizer(path) -> Tokenizer:
-    """The tokenizer of a checkpoint folder; see the module docstring for the files read."""
+def load_tokenizer(path, model_vocab_size=None) -> Tokenizer:
+    """The tokenizer of a checkpoint folder; see the module docstring for the files read.
+
+    With model_vocab_size (the model's embedding rows): a tokenizer with more tokens than the model is
+    an error, and special ids from generation_config.json are checked against the model's vocabulary
+    (transformers accepts an eos id the model has but the tokenizer file lacks; so do we)."""
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder not found: {folder}")
     backend = _load_backend(folder)
+    size = backend.get_vocab_size(with_added_tokens=True)
+    if model_vocab_size is not None and size > model_vocab_size:
+        raise ValueError(f"the tokenizer in {folder} has {size} tokens but the model's vocabulary has only "
+                         f"{model_vocab_size}: they do not belong together")
+    limit = size if model_vocab_size is None else model_vocab_size
     settings = _read_special_settings(folder)
     to_id = lambda token, source: _token_id(backend, token, source)  # noqa: E731
     bos = to_id(*settings["bos"]) if settings["bos"][0] is not None else settings["gen"].get("bos_token_id")
     pad = to_id(*settings["pad"]) if settings["pad"][0] is not None else settings["gen"].get("pad_token_id")
     eos = [to_id(*settings["eos"])] if settings["eos"][0] is not None else []
-    gen_eos = settings["gen"].get("eos_token_id")
-    for i in gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []:
+    for i in eos_id_list(settings["gen"].get("eos_token_id")):
         if i not in eos:
             eos.append(i)
     for name, i in [("bos_token_id", bos), ("pad_token_id", pad)] + [("eos_token_id", i) for i in eos]:
-        if i is not None and not (isinstance(i, int) and 0 <= i < backend.get_vocab_size(with_added_tokens=True)):
-            raise ValueError(f"{name} {i!r} (from {folder / 'generation_config.json'}) is not a token id of the vocabulary")
+        if i is not None and not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < limit):
+            raise ValueError(f"{name} {i!r} (from {folder / 'generation_config.json'}) is not a token id of "
+                             f"the vocabulary [0, {limit})")
     if bos is None and not eos and backend.token_to_id("<|endoftext|>") is not None:
         bos = eos_id = backend.token_to_id("<|endoftext|>")  # GPT-2's defaults when no file names them
         eos = [eos_id]
@@ -130,21 +144,9 @@ def _load_backend(folder: Path) -> HFTokenizer:
     raise FileNotFoundError(f"no tokenizer in {folder}: expected tokenizer.json, or vocab.json + merges.txt")
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return data
-
-
 def _read_special_settings(folder: Path) -> dict:
     """bos/eos/pad as (token string, source file), add_bos (bool or None), generation_config dict."""
-    files = [(name, _read_json(folder / name)) for name in SPECIAL_FILES]
+    files = [(name, read_json_object(folder / name)) for name in SPECIAL_FILES]
     out = {}
     for key in ("bos", "eos", "pad"):
         out[key] = (None, None)
@@ -156,7 +158,7 @@ def _read_special_settings(folder: Path) -> dict:
                 break
     add_bos = files[0][1].get("add_bos_token")
     out["add_bos"] = add_bos if isinstance(add_bos, bool) else None
-    out["gen"] = _read_json(folder / "generation_config.json")
+    out["gen"] = read_json_object(folder / "generation_config.json")
     return out
 
 

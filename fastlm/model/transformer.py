@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastlm.kernels import LayerNorm, RMSNorm, decode_attention, flash_attention
+from fastlm.kernels.attention import MAX_DECODE_QUERIES
 from fastlm.model.cache import KVCache
 from fastlm.model.config import ModelConfig
 from fastlm.model.rope import Rotary, apply_rope
 
-DECODE_MAX_T = 8  # cached steps up to this many tokens use decode_attention (decode, speculation)
+DECODE_MAX_T = MAX_DECODE_QUERIES  # cached steps up to decode_attention's limit use it (decode, speculation)
 
 
 @dataclass

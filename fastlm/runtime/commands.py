@@ -5,6 +5,7 @@ Errors are the API's ValueErrors; fastlm/cli.py prints them as one line and exit
 """
 import sys
 
+from fastlm.model.validation import check_int
 from fastlm.runtime.sampling import SamplingParams
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
@@ -75,10 +76,9 @@ def run_bench(args) -> int:
     from fastlm.runtime.llm import LLM
 
     for name in ("prompt_len", "new_tokens", "repeats"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
-    if any(b < 1 for b in args.batch_size):
-        raise ValueError(f"batch_size must be >= 1, got {args.batch_size}")
+        check_int(name, getattr(args, name), 1)
+    for batch in args.batch_size:
+        check_int("batch_size", batch, 1)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     context = llm.model.config.max_seq_len
     if args.prompt_len + args.new_tokens > context:
@@ -87,7 +87,7 @@ def run_bench(args) -> int:
     hf_model = _load_hf(llm) if args.compare_hf else None
     weight_gb = bench.weight_bytes_per_step(llm.model) / 1e9
     print(f"model {llm.path} ({llm.model.config.model_type}, {llm.model.dtype}, {llm.device}); "
-          f"prompt {args.prompt_len}, {args.new_tokens} new tokens; weights {weight_gb:.3f} GB per step")
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens; weights {weight_gb:.4g} GB per step")
     header = f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'weights GB/s':>13}"
     print(header + (f" {'HF prefill':>11} {'HF decode':>10} {'decode x HF':>11}" if hf_model else ""))
     for batch in args.batch_size:

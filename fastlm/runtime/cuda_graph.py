@@ -21,6 +21,9 @@ from fastlm.runtime.generate import DecodeStep
 class GraphedDecodeStep:
     """Same interface as DecodeStep: tokens (B,) -> logits (B, V), replaying a captured graph."""
 
+    uses_cuda_graph = True
+    capture_error = None
+
     def __init__(self, model, cache, warmup_steps: int = 2):
         if cache.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA cache, got device {cache.device}")
@@ -34,7 +37,8 @@ class GraphedDecodeStep:
                 cache.seqlens.copy_(saved_lengths)
         torch.cuda.current_stream(cache.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: other threads' calls (an LLM shared by threads) may run while this one captures
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.logits = model(self.tokens, cache=cache)[:, -1]  # static output (B, V)
         cache.seqlens.copy_(saved_lengths)
 
@@ -45,11 +49,14 @@ class GraphedDecodeStep:
 
 
 def make_decode_step(model, cache, use_graph: bool = True):
-    """A CUDA graph step on a GPU (eager if capture fails, with a warning); the eager step elsewhere."""
+    """A CUDA graph step on a GPU; the eager step elsewhere. If capture fails the step is eager, with a
+    warning and the reason in step.capture_error (step.uses_cuda_graph tells which one you got)."""
     if not use_graph or cache.device.type != "cuda":
         return DecodeStep(model, cache)
     try:
         return GraphedDecodeStep(model, cache)
     except Exception as exc:  # noqa: BLE001 - a model that cannot be captured still generates, eagerly
         warnings.warn(f"CUDA graph capture of the decode step failed ({exc}); running eagerly", stacklevel=2)
-        return DecodeStep(model, cache)
+        step = DecodeStep(model, cache)
+        step.capture_error = f"{type(exc).__name__}: {exc}"
+        return step

@@ -49,6 +49,9 @@ class DecodeStep:
     """One batched decode step: tokens (B,) -> logits (B, V), advancing the cache by one. Eager; see
     cuda_graph.GraphedDecodeStep for the captured version with the same interface."""
 
+    uses_cuda_graph = False  # callers (and GPU tests) check this to see whether a graph replays
+    capture_error = None  # why make_decode_step fell back to this eager step on a GPU (None: it did not)
+
     def __init__(self, model, cache):
         self.model, self.cache = model, cache
 
@@ -70,8 +73,10 @@ class TokenLoop:
     the previous item ([] once the row is done). A row is done at eos (not returned), after
     max_new_tokens, or when the consumer calls finish(row) (stop strings)."""
 
-    def __init__(self, model, cache, step, prompts, params: SamplingParams, eos_ids=(), sync_every: int = 1):
+    def __init__(self, model, cache, step, prompts, params: SamplingParams, eos_ids=(), sync_every: int = 1,
+                 vocab_size=None):
         self.model, self.cache, self.step = model, cache, step
+        self.vocab_size = vocab_size  # ids >= this are never sampled (None: the model's whole vocabulary)
         self.prompts, self.params = [list(p) for p in prompts], params
         self.eos_ids = frozenset(eos_ids)
         self.sync_every = sync_every
@@ -103,7 +108,7 @@ class TokenLoop:
         generator = make_generator(params.seed, device)
         seen = self._prompt_presence() if params.repetition_penalty != 1.0 else None
         out = torch.empty(len(self.prompts), n, dtype=torch.long, device=device)  # (B, n) new tokens
-        tok = next_tokens(prefill(self.model, self.cache, self.prompts), params, generator, seen)
+        tok = next_tokens(prefill(self.model, self.cache, self.prompts), params, generator, seen, self.vocab_size)
         out[:, 0] = tok
         return {"out": out, "tok": tok, "generator": generator, "seen": seen}
 
@@ -111,7 +116,7 @@ class TokenLoop:
         """One decode step: feed the last token, sample the next into column i. No host sync."""
         mark_seen(state["seen"], state["tok"])
         logits = self.step(state["tok"])
-        state["tok"] = next_tokens(logits, self.params, state["generator"], state["seen"])
+        state["tok"] = next_tokens(logits, self.params, state["generator"], state["seen"], self.vocab_size)
         state["out"][:, i] = state["tok"]
 
     def _take(self, chunk: List[List[int]]) -> List[List[int]]:

@@ -10,7 +10,7 @@ Context rule: a prompt must leave room to generate (prompt tokens < the model's 
 ValueError); max_new_tokens is clipped so that the longest prompt of the call plus its new tokens fit
 the context (generation then ends early, as at max_new_tokens).
 """
-import json
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Union
@@ -18,36 +18,13 @@ from typing import Iterator, List, Optional, Sequence, Union
 import torch
 
 from fastlm.model.devices import resolve_device
+from fastlm.model.json_files import eos_id_list, read_json_object
+from fastlm.model.model_path import resolve_model_path
 from fastlm.runtime.cpu_linear import pack_linears, packing_available
-from fastlm.runtime.cuda_graph import make_decode_step
 from fastlm.runtime.generate import TokenLoop, check_prompt_ids, default_sync_every, new_token_budget
 from fastlm.runtime.sampling import SamplingParams
 from fastlm.runtime.text import SequenceText
-
-_CACHE_LENGTH_STEP = 128  # cache lengths are rounded up to this, so workspaces (and graphs) get reused
-_MAX_WORKSPACES = 4
-
-
-def default_model_path() -> Path:
-    """The embedded default model shipped inside the package (fastlm/default_model/)."""
-    return Path(__file__).resolve().parent.parent / "default_model"
-
-
-def resolve_model_path(model) -> Path:
-    if model is None:
-        path = default_model_path()
-        if not (path / "config.json").is_file():
-            raise ValueError("no embedded default model in this installation (fastlm/default_model/ is missing); "
-                             "pass a checkpoint path, e.g. LLM('path/to/checkpoint') or --model PATH")
-        return path
-    if not isinstance(model, (str, Path)):
-        raise ValueError(f"model must be a checkpoint folder path, got {type(model).__name__}")
-    path = Path(model)
-    if not path.exists():
-        raise ValueError(f"model path does not exist: {model}")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"model path {model} is not a checkpoint folder (no config.json in it)")
-    return path
+from fastlm.runtime.workspaces import WorkspacePool
 
 
 def check_text_prompts(prompt) -> List[str]:
@@ -78,9 +55,10 @@ class LLM:
         self.model = Transformer.from_pretrained(path, dtype=dtype, device=resolve_device(device), quantize=quantize)
         if packing_available(self.model.dtype, self.model.device):
             pack_linears(self.model)  # CPU: weights prepacked for oneDNN (see cpu_linear.py)
-        self.tokenizer = load_tokenizer(path) if _has_tokenizer(path) else None
+        vocab = self.model.config.vocab_size
+        self.tokenizer = load_tokenizer(path, model_vocab_size=vocab) if _has_tokenizer(path) else None
         self.eos_token_ids = tuple(self.tokenizer.eos_token_ids or ()) if self.tokenizer else _config_eos_ids(path)
-        self._workspaces = {}  # (batch, cache length) -> (KVCache, decode step)
+        self._workspaces = WorkspacePool(self.model)  # one KV cache per live call (threads, interleaved streams)
 
     @property
     def device(self) -> torch.device:
@@ -93,12 +71,13 @@ class LLM:
         temperature 0 is greedy; top_k 0 / top_p 1 / min_p 0 / repetition_penalty 1 switch those off.
         Ends at eos, at a stop string (it and what follows are dropped), or after max_new_tokens
         (clipped to the context, see the module docstring)."""
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop or (), seed)
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop, seed)
         texts = check_text_prompts(prompt)
         outputs = [[] for _ in texts]
-        for _, pieces in self._run(self._encode(texts), params, streaming=False, want_text=True):
-            for row, piece in enumerate(pieces):
-                outputs[row].append(piece)
+        with closing(self._run(self._encode(texts), params, streaming=False, want_text=True)) as run:
+            for _, pieces in run:
+                for row, piece in enumerate(pieces):
+                    outputs[row].append(piece)
         results = ["".join(parts) for parts in outputs]
         return results[0] if isinstance(prompt, str) else results
 
@@ -106,13 +85,14 @@ class LLM:
                top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                stop: Union[str, Sequence[str], None] = None, seed: Optional[int] = None) -> Iterator[str]:
         """Like generate for one prompt, yielding the text as it is produced (pieces join to generate's)."""
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop or (), seed)
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop, seed)
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string for stream(), got {type(prompt).__name__}")
         prompt_ids = self._encode(check_text_prompts(prompt))
-        for _, pieces in self._run(prompt_ids, params, streaming=True, want_text=True):
-            if pieces[0]:
-                yield pieces[0]
+        with closing(self._run(prompt_ids, params, streaming=True, want_text=True)) as run:
+            for _, pieces in run:  # closing: an abandoned stream gives its workspace back at once
+                if pieces[0]:
+                    yield pieces[0]
 
     def generate_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
@@ -120,14 +100,15 @@ class LLM:
                         seed: Optional[int] = None) -> List[List[int]]:
         """New token ids per prompt (eos excluded). With stop strings, a row's ids end with the token
         that completed the stop string (text cannot be cut inside a token)."""
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop or (), seed)
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop, seed)
         prompts = check_prompt_ids(prompts, self.model.config.vocab_size)
         if params.stop:
             self._need_tokenizer()
         outputs = [[] for _ in prompts]
-        for ids, _ in self._run(prompts, params, streaming=False, want_text=bool(params.stop)):
-            for row, new in enumerate(ids):
-                outputs[row].extend(new)
+        with closing(self._run(prompts, params, streaming=False, want_text=bool(params.stop))) as run:
+            for ids, _ in run:
+                for row, new in enumerate(ids):
+                    outputs[row].extend(new)
         return outputs
 
     def _encode(self, texts: List[str]) -> List[List[int]]:
@@ -145,33 +126,18 @@ class LLM:
 
     def _run(self, prompts, params: SamplingParams, streaming: bool, want_text: bool):
         """Yields (new ids per row, new text per row) as generation proceeds; the text lists are
-        empty strings when want_text is False."""
+        empty strings when want_text is False. Holds its own workspace until it ends or is closed."""
         budget = new_token_budget([len(p) for p in prompts], params.max_new_tokens, self.model.config.max_seq_len)
         params = replace(params, max_new_tokens=budget)
-        cache, step = self._workspace(len(prompts), max(len(p) for p in prompts) + budget)
-        loop = TokenLoop(self.model, cache, step, prompts, params, self.eos_token_ids,
-                         sync_every=default_sync_every(cache.device, streaming))
-        texts = [SequenceText(self.tokenizer, p, params.stop) for p in prompts] if want_text else None
-        for chunk in loop:
-            yield (chunk, [""] * len(chunk)) if texts is None else _add_text(loop, texts, chunk)
+        with self._workspaces.checkout(len(prompts), max(len(p) for p in prompts) + budget) as (cache, step):
+            loop = TokenLoop(self.model, cache, step, prompts, params, self.eos_token_ids,
+                             sync_every=default_sync_every(cache.device, streaming),
+                             vocab_size=self.tokenizer.vocab_size if self.tokenizer else None)
+            texts = [SequenceText(self.tokenizer, p, params.stop) for p in prompts] if want_text else None
+            for chunk in loop:
+                yield (chunk, [""] * len(chunk)) if texts is None else _add_text(loop, texts, chunk)
         if texts is not None:
             yield [[] for _ in prompts], [t.finish() for t in texts]
-
-    def _workspace(self, batch_size: int, length: int):
-        """A reset KV cache (and its decode step / CUDA graph) for this batch size and length, reused
-        across calls; lengths round up to _CACHE_LENGTH_STEP within the context."""
-        context = self.model.config.max_seq_len
-        length = min(context, -(-length // _CACHE_LENGTH_STEP) * _CACHE_LENGTH_STEP)
-        key = (batch_size, length)
-        if key not in self._workspaces:
-            if len(self._workspaces) >= _MAX_WORKSPACES:
-                self._workspaces.pop(next(iter(self._workspaces)))
-            with torch.no_grad():
-                cache = self.model.new_cache(batch_size, length)
-                self._workspaces[key] = (cache, make_decode_step(self.model, cache))
-        cache, step = self._workspaces[key]
-        cache.reset()
-        return cache, step
 
 
 def _has_tokenizer(path: Path) -> bool:
@@ -181,11 +147,9 @@ def _has_tokenizer(path: Path) -> bool:
 def _config_eos_ids(path: Path) -> tuple:
     """eos ids from generation_config.json / config.json when there is no tokenizer."""
     for name in ("generation_config.json", "config.json"):
-        file = path / name
-        if file.is_file():
-            eos = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
-            if eos is not None:
-                return tuple(eos) if isinstance(eos, list) else (eos,)
+        eos = eos_id_list(read_json_object(path / name).get("eos_token_id"))
+        if eos:
+            return tuple(eos)
     return ()
 
 

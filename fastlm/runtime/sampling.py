@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from fastlm.model.validation import check_int, check_number, check_seed
+
 
 @dataclass
 class SamplingParams:
@@ -35,36 +37,27 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
+        if self.stop is not None and not isinstance(self.stop, (list, tuple)):
+            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         self.stop = tuple(self.stop or ())
-        _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
-        _check_number("temperature", self.temperature, "must be >= 0", lambda v: v >= 0)
-        _check_int("top_k", self.top_k, minimum=0)
-        _check_number("top_p", self.top_p, "must be in (0, 1]", lambda v: 0 < v <= 1)
-        _check_number("min_p", self.min_p, "must be in [0, 1]", lambda v: 0 <= v <= 1)
-        _check_number("repetition_penalty", self.repetition_penalty, "must be > 0", lambda v: v > 0)
-        if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0)
+        check_int("max_new_tokens", self.max_new_tokens, 1)
+        check_number("temperature", self.temperature, 0)
+        check_int("top_k", self.top_k, 0)
+        check_number("top_p", self.top_p, 0, 1, min_open=True)
+        check_number("min_p", self.min_p, 0, 1)
+        check_number("repetition_penalty", self.repetition_penalty, 0, min_open=True)
+        check_seed("seed", self.seed, optional=True)
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must be a string or a list of non-empty strings, got {s!r}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        """temperature 0, top_k 1, or a temperature too small for fp32 (it would divide by zero)."""
+        return self.temperature < _FP32_TINY or self.top_k == 1
 
 
-def _check_int(name, value, *, minimum):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _check_number(name, value, rule, ok):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if not ok(value):
-        raise ValueError(f"{name} {rule}, got {value}")
+_FP32_TINY = torch.finfo(torch.float32).tiny
 
 
 def make_generator(seed: Optional[int], device) -> Optional[torch.Generator]:
@@ -111,7 +104,8 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams, seen: Optional[torch.Tensor] = None):
-    """logits (B, V) -> fp32 scores (B, V) with filtered tokens at -inf. `seen` is required when
+    """logits (B, V) -> fp32 scores (B, V) with filtered tokens at -inf: log-probabilities up to a
+    constant per row (with a temperature, each row's best scores 0). `seen` is required when
     repetition_penalty != 1. With temperature 0 only the penalty applies (argmax follows)."""
     x = logits.float()
     if params.repetition_penalty != 1.0:
@@ -121,7 +115,8 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: Optional[
     if params.greedy:
         return x
     if params.temperature != 1.0:
-        x = x / params.temperature
+        # Shifted so the best token scores 0: a tiny temperature sends the others to -inf, never inf/inf = nan.
+        x = (x - x.amax(dim=-1, keepdim=True)) / params.temperature
     x = top_k_filter(x, params.top_k)
     x = top_p_filter(x, params.top_p)
     return min_p_filter(x, params.min_p)
@@ -137,9 +132,13 @@ def sample(scores: torch.Tensor, params: SamplingParams, generator: Optional[tor
     return torch.argmax(probs / race, dim=-1)
 
 
-def next_tokens(logits, params: SamplingParams, generator=None, seen=None) -> torch.Tensor:
+def next_tokens(logits, params: SamplingParams, generator=None, seen=None, vocab_size=None) -> torch.Tensor:
     """The model's last-position logits (B, V) -> next ids (B,). Greedy without a penalty skips the
-    fp32 copy entirely (argmax of the raw logits)."""
+    fp32 copy entirely (argmax of the raw logits). vocab_size < V: only ids below it can be drawn (a
+    vocabulary padded beyond the tokenizer's tokens, e.g. to a multiple of 64)."""
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits = logits[:, :vocab_size]
+        seen = None if seen is None else seen[:, :vocab_size]
     if params.greedy and params.repetition_penalty == 1.0:
         return torch.argmax(logits, dim=-1)
     return sample(process_logits(logits, params, seen), params, generator)

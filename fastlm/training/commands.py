@@ -1,7 +1,10 @@
 """`fastlm train` and `fastlm eval`: thin argparse front ends of fastlm.train / fastlm.evaluate."""
 import argparse
+import sys
+from dataclasses import MISSING, fields
 
 from fastlm.training.configs import preset_names
+from fastlm.training.options import TrainOptions
 
 
 def add_parsers(subparsers):
@@ -14,38 +17,31 @@ def _add_train_parser(subparsers):
         "train", help="fine-tune a checkpoint or train a preset from scratch on a text file",
         description="Fine-tune a checkpoint (--model, default: the embedded model) or train a preset from "
                     "scratch (--config) on a text file; saves a Hugging Face checkpoint in --out.")
-    p.add_argument("--data", required=True, help="training text file")
-    p.add_argument("--eval", help="evaluation text file (perplexity every --eval-every steps and at the end)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="checkpoint folder to fine-tune (default: the embedded model)")
-    src.add_argument("--config", help=f"preset to train from scratch: {', '.join(preset_names())}")
-    p.add_argument("--tokenizer", help="tokenizer folder (default: the model's; from scratch: a BPE trained "
-                                       "on --data)")
-    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the BPE trained from scratch")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--block-size", type=int, default=128, help="tokens per sequence (default 128)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch (default 8)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="optimizer steps")
-    length.add_argument("--epochs", type=float, help="passes over the data (default 1 when --steps is absent)")
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
-    p.add_argument("--warmup", type=int, help="linear warmup steps (default min(100, steps/10))")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping, 0 disables (default 1)")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end)")
-    p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: final save only)")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoint-N folders kept (default 2)")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue from the latest checkpoint in --out, or from the given checkpoint folder; "
-                        "the schedule, batch shape, seed and data order come from the checkpoint")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: bf16 autocast on CUDA GPUs that support it, fp32 elsewhere")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    groups = {}
+    for option in fields(TrainOptions):
+        meta = dict(option.metadata)
+        group = meta.pop("group", None)
+        if group and group not in groups:
+            groups[group] = p.add_mutually_exclusive_group()
+        target = groups[group] if group else p
+        target.add_argument(meta.pop("flag", "--" + option.name.replace("_", "-")), dest=option.name,
+                            **_argument(option, meta))
     p.set_defaults(func=run_train)
+
+
+def _argument(option, meta):
+    """argparse keywords of a TrainOptions field: its type from the default, its help with the default."""
+    kwargs = {"help": meta.pop("help")}
+    if option.name == "config":
+        kwargs["help"] += f": {', '.join(preset_names())}"
+    if option.default is MISSING:
+        return {**kwargs, "required": True, **meta}
+    if isinstance(option.default, bool) and "nargs" not in meta:
+        return {**kwargs, "action": "store_false" if option.default else "store_true", **meta}
+    if option.default is not None and option.default is not False:
+        kwargs["help"] += f" (default {option.default})"
+        kwargs["type"] = type(option.default)
+    return {**kwargs, "default": option.default, **meta}
 
 
 def _add_eval_parser(subparsers):
@@ -60,15 +56,15 @@ def _add_eval_parser(subparsers):
     p.set_defaults(func=run_eval)
 
 
-TRAIN_ARGS = ("data", "eval", "model", "config", "tokenizer", "vocab_size", "out", "block_size", "batch_size",
-              "grad_accum", "steps", "epochs", "lr", "min_lr_ratio", "warmup", "weight_decay", "clip",
-              "eval_every", "save_every", "keep_checkpoints", "resume", "seed", "device", "precision", "progress")
-
-
 def run_train(args: argparse.Namespace):
     from fastlm.training import train
+    from fastlm.training.interrupts import TrainingInterrupted
 
-    result = train(**{name: getattr(args, name) for name in TRAIN_ARGS})
+    try:
+        result = train(**{option.name: getattr(args, option.name) for option in fields(TrainOptions)})
+    except TrainingInterrupted as stop:
+        print(f"fastlm train: {stop}", file=sys.stderr)
+        return stop.exit_code
     print(f"trained {result.steps} steps, {result.tokens:,} tokens, {result.tokens_per_second:,.0f} tokens/s "
           f"({result.train_seconds:.0f} s)")
     if result.train_loss is not None:

@@ -7,6 +7,8 @@ checkpoints they produce load in transformers as LlamaForCausalLM / GPT2LMHeadMo
 """
 import math
 
+from fastlm.model.validation import check_positive_int
+
 _LLAMA = dict(model_type="llama", norm="rmsnorm", pos_emb="rope", mlp="swiglu", norm_eps=1e-5)
 
 PRESETS = {
@@ -40,7 +42,6 @@ def model_config(name, vocab_size, bos_token_id=None, eos_token_id=None):
 
     if name not in PRESETS:
         raise ValueError(f"unknown config name {name!r}; known configs: {', '.join(preset_names())}")
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
-        raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+    check_positive_int("vocab_size", vocab_size)
     padded = 64 * math.ceil(vocab_size / 64)
     return ModelConfig(**PRESETS[name], vocab_size=padded, bos_token_id=bos_token_id, eos_token_id=eos_token_id)

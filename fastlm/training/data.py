@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from fastlm.model.validation import SEED_LIMIT, check_int, check_positive_int
+
 SPECIAL_TOKEN = "<|endoftext|>"  # bos = eos = document separator of tokenizers we train (GPT-2 style)
 
 
@@ -39,8 +41,7 @@ def tokenize_file(path, tokenizer, name="data"):
 
 def pack_blocks(tokens, block_size, name="data"):
     """(n_blocks, block_size + 1) view of the token stream; ValueError when it holds no full block."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    check_positive_int("block_size", block_size)
     n_blocks = (tokens.numel() - 1) // block_size
     if n_blocks < 1:
         raise ValueError(
@@ -70,7 +71,7 @@ class BlockSampler:
         """Micro-batch number m (0-based, counting across epochs): (batch_size, block_size + 1)."""
         epoch, index = divmod(m, self.batches_per_epoch)
         if epoch != self._epoch:
-            gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + epoch)
+            gen = torch.Generator(device="cpu").manual_seed((self.seed * 1_000_003 + epoch) % SEED_LIMIT)
             self._epoch, self._order = epoch, torch.randperm(self.blocks.size(0), generator=gen, device="cpu")
         rows = self._order[index * self.batch_size:(index + 1) * self.batch_size]
         return self.blocks[rows]
@@ -81,9 +82,7 @@ def train_bpe_tokenizer(text_files, vocab_size, out_dir, model_max_length=None):
     save it in `out_dir` as tokenizer.json + tokenizer_config.json, loadable by fastlm and transformers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 257 <= vocab_size <= 1_000_000:
-        raise ValueError(f"vocab_size must be an integer in [257, 1000000] (256 bytes + 1 special token), "
-                         f"got {vocab_size!r}")
+    check_int("vocab_size", vocab_size, 257, 1_000_000)  # 256 bytes + 1 special token at least
     files = [str(Path(f)) for f in text_files]
     for f in files:
         read_text(f)  # clear errors before the Rust trainer sees the file

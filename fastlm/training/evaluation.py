@@ -1,34 +1,18 @@
 """Perplexity of a model on a text file, over the same block packing as training."""
 import contextlib
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from fastlm.training.data import load_blocks
 from fastlm.model.devices import resolve_device
-from fastlm.training.options import PRECISIONS, _check_int, autocast_dtype
-
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
-
-
-def resolve_model_dir(model):
-    """A checkpoint folder: `model`, or the embedded default model when model is None."""
-    if model is None:
-        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-            raise FileNotFoundError(f"no model given and the embedded default model is missing ({DEFAULT_MODEL_DIR})")
-        return DEFAULT_MODEL_DIR
-    if not isinstance(model, (str, Path)):
-        raise ValueError(f"model must be a checkpoint folder path, got {type(model).__name__}")
-    path = Path(model)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model folder not found: {path}")
-    return path
-
+from fastlm.model.model_path import resolve_model_path
+from fastlm.model.validation import check_choice, check_int
+from fastlm.training.options import PRECISIONS, autocast_dtype
 
 def check_block_size(block_size, config):
-    _check_int("block_size", block_size, 1)
+    check_int("block_size", block_size, 1)
     if block_size > config.max_seq_len:
         raise ValueError(f"block_size ({block_size}) is larger than the model's context "
                          f"({config.max_seq_len} tokens); use --block-size {config.max_seq_len} or less")
@@ -72,13 +56,15 @@ def evaluate(model=None, data=None, *, block_size=128, batch_size=8, device=None
 
     if data is None:
         raise ValueError("data must be the path of a text file to evaluate on")
-    _check_int("batch_size", batch_size, 1)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_int("batch_size", batch_size, 1)
+    check_choice("precision", precision, PRECISIONS)
     device = resolve_device(device)
-    folder = resolve_model_dir(model)
+    folder = resolve_model_path(model)
     net = Transformer.from_pretrained(folder, dtype=torch.float32, device=device)
     check_block_size(block_size, net.config)
-    blocks = load_blocks(data, load_tokenizer(folder), block_size, name="data")
+    blocks = load_blocks(data, load_tokenizer(folder, model_vocab_size=net.config.vocab_size), block_size, name="data")
     loss, n_tokens = eval_loss(net, blocks, batch_size, device, autocast_dtype(device, precision))
+    if not math.isfinite(loss):
+        raise ValueError(f"the loss is not finite ({loss}) on {data}: the model's weights or activations "
+                         f"in {folder} are not finite")
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": n_tokens, "blocks": blocks.size(0)}

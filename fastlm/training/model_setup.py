@@ -6,35 +6,33 @@ model). Master weights are fp32 whatever the checkpoint's dtype; bf16 enters onl
 """
 import torch
 
-from fastlm.training import checkpoint as ckpt
+from fastlm.model.json_files import eos_id_entry
+from fastlm.model.model_path import resolve_model_path
 from fastlm.training.configs import model_config
 from fastlm.training.data import train_bpe_tokenizer
-from fastlm.training.evaluation import resolve_model_dir
+from fastlm.training.output import private_folder
 
 
-def build_model_and_tokenizer(opts, out_dir):
-    """(model in train mode on opts.device, tokenizer, checkpoint folder resumed from or None)."""
+def build_model_and_tokenizer(opts, out_dir, resume_from=None):
+    """(model in train mode on opts.device, tokenizer); resume_from: the checkpoint folder resumed."""
     from fastlm.model import Transformer, load_tokenizer
 
-    resume_from = ckpt.find_resume_checkpoint(out_dir, opts.resume) if opts.resume else None
     if resume_from is not None:
         model = Transformer.from_pretrained(resume_from, dtype=torch.float32, device=opts.device)
-        tokenizer = load_tokenizer(resume_from)
+        tokenizer = load_tokenizer(resume_from, model_vocab_size=model.config.vocab_size)
     elif opts.config is not None:
         tokenizer = _scratch_tokenizer(opts, out_dir)
         config = model_config(opts.config, tokenizer.vocab_size, tokenizer.bos_token_id,
-                              _single(tokenizer.eos_token_ids))
+                              eos_id_entry(tokenizer.eos_token_ids))
         torch.manual_seed(opts.seed)
         model = Transformer(config).to(device=opts.device, dtype=torch.float32)
     else:
-        folder = resolve_model_dir(opts.model)
+        folder = resolve_model_path(opts.model)
         model = Transformer.from_pretrained(folder, dtype=torch.float32, device=opts.device)
-        tokenizer = load_tokenizer(opts.tokenizer if opts.tokenizer is not None else folder)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has only "
-                         f"{model.config.vocab_size}")
+        tokenizer = load_tokenizer(opts.tokenizer if opts.tokenizer is not None else folder,
+                                   model_vocab_size=model.config.vocab_size)
     model.train()
-    return model, tokenizer, resume_from
+    return model, tokenizer
 
 
 def _scratch_tokenizer(opts, out_dir):
@@ -42,13 +40,8 @@ def _scratch_tokenizer(opts, out_dir):
 
     if opts.tokenizer is not None:
         return load_tokenizer(opts.tokenizer)
-    # A byte-level BPE on the training text, saved in the output folder (it ships with the model).
-    return load_tokenizer(train_bpe_tokenizer([opts.data], opts.vocab_size, out_dir))
-
-
-def _single(ids):
-    ids = list(ids or [])
-    return ids[0] if len(ids) == 1 else (ids or None)
+    # A byte-level BPE on the training text, kept in the run's private folder (it ships with the model).
+    return load_tokenizer(train_bpe_tokenizer([opts.data], opts.vocab_size, private_folder(out_dir, "tokenizer")))
 
 
 def make_optimizer(model, weight_decay, device):

@@ -9,7 +9,6 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -18,9 +17,11 @@ from tqdm.auto import tqdm
 from fastlm.training import checkpoint as ckpt
 from fastlm.training.data import BlockSampler, load_blocks, read_text
 from fastlm.training.evaluation import autocast_context, check_block_size, eval_loss, lm_loss
-from fastlm.training.options import TrainOptions, autocast_dtype
-from fastlm.training.schedule import lr_at
+from fastlm.training.interrupts import StopRequests, TrainingDiverged, TrainingInterrupted
 from fastlm.training.model_setup import build_model_and_tokenizer, make_optimizer
+from fastlm.training.options import TrainOptions, autocast_dtype
+from fastlm.training.output import prepare_out, publish_model
+from fastlm.training.schedule import lr_at
 
 # Saved in trainer_state.json and taken from it on resume: they fix the schedule and the data order.
 RUN_FIELDS = ("total_steps", "warmup", "lr", "min_lr_ratio", "batch_size", "grad_accum", "block_size", "seed")
@@ -43,18 +44,22 @@ class TrainResult:
 
 
 def train(**kwargs) -> TrainResult:
-    """Train and save a model; the keyword arguments are TrainOptions' fields (see `fastlm train -h`)."""
+    """Train and save a model; the keyword arguments are TrainOptions' fields (see `fastlm train -h`).
+    Raises ValueError for bad options or an unusable `out` (before training), TrainingDiverged (a
+    ValueError) at a non-finite loss, TrainingInterrupted (a KeyboardInterrupt) on SIGINT/SIGTERM once
+    a resumable checkpoint is saved."""
     return Trainer(TrainOptions.from_kwargs(**kwargs)).run()
 
 
 class Trainer:
     def __init__(self, opts: TrainOptions):
         self.opts, self.device = opts, opts.device
-        self.out = Path(opts.out)
         read_text(opts.data, "data")  # fail on a missing/empty file before any model is built
         if opts.eval is not None:
             read_text(opts.eval, "eval")
-        self.model, self.tokenizer, self.resume_from = build_model_and_tokenizer(opts, self.out)
+        self.resume_from = ckpt.find_resume_checkpoint(opts.out, opts.resume) if opts.resume else None
+        self.out = prepare_out(opts.out, resume=bool(opts.resume), overwrite=opts.overwrite)
+        self.model, self.tokenizer = build_model_and_tokenizer(opts, self.out, self.resume_from)
         self.state = self._initial_state()
         check_block_size(self.run_cfg["block_size"], self.model.config)
         block_size = self.run_cfg["block_size"]
@@ -73,6 +78,7 @@ class Trainer:
             missing = [k for k in ("step", "tokens", *RUN_FIELDS) if k not in state]
             if missing:
                 raise ValueError(f"resume: {self.resume_from / ckpt.STATE_FILE} lacks {', '.join(missing)}")
+            ckpt.check_same_run(self.resume_from, state, self.opts)
             self.run_cfg = {k: state[k] for k in RUN_FIELDS}
             return state
         o = self.opts
@@ -94,20 +100,23 @@ class Trainer:
         if self.eval_blocks is not None and self.resume_from is None:
             initial = self._evaluate()
         self.model.train()
-        train_loss, seconds, tokens_run = self._loop()
+        with StopRequests() as stop:
+            train_loss, seconds, tokens_run = self._loop(stop)
         eval_loss_final = self._evaluate() if self.eval_blocks is not None else None
         if eval_loss_final is not None:
             self.state["eval_history"].append({"step": self.state["step"], "eval_loss": eval_loss_final})
             self._append_log({"step": self.state["step"], "eval_loss": eval_loss_final,
                               "eval_perplexity": math.exp(eval_loss_final)})
-        self._save(self.out, optimizer=False)
+        self._check_weights()
+        publish_model(self.out, lambda folder: ckpt.write_model_files(
+            folder, self.model, self.tokenizer, self._trainer_state()))
         return TrainResult(
             steps=self.state["step"], tokens=self.state["tokens"], train_loss=train_loss, eval_loss=eval_loss_final,
             eval_perplexity=math.exp(eval_loss_final) if eval_loss_final is not None else None,
             initial_eval_loss=initial, tokens_per_second=tokens_run / seconds if seconds > 0 else 0.0,
             train_seconds=seconds, out=str(self.out))
 
-    def _loop(self):
+    def _loop(self, stop):
         cfg, opts = self.run_cfg, self.opts
         tokens_per_step = cfg["batch_size"] * cfg["grad_accum"] * cfg["block_size"]
         bar = tqdm(total=cfg["total_steps"], initial=self.state["step"], disable=not opts.progress,
@@ -115,6 +124,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         window, last_loss, tokens_run = 0, None, 0
         watch = _Stopwatch(self.device)
+        self._first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         while self.state["step"] < cfg["total_steps"]:
             lr = self._train_step(self.state["step"], loss_sum)
             self.state["step"] += 1
@@ -123,8 +133,10 @@ class Trainer:
             window += 1
             bar.update(1)
             done = self.state["step"] == cfg["total_steps"]
+            if window == opts.log_every or done or self.device.type == "cpu" or stop.signum:
+                self._check_losses()  # a device sync: every step on CPU (free), once per window on a GPU
             if window == opts.log_every or done:
-                last_loss = loss_sum.item() / window  # the one device sync per logging window
+                last_loss = loss_sum.item() / window
                 self._log(bar, lr, last_loss, tokens_run / max(watch.elapsed(), 1e-9))
                 loss_sum.zero_()
                 window = 0
@@ -132,6 +144,9 @@ class Trainer:
                 watch.paused(self._periodic_eval, bar)
             if not done and self._periodic(opts.save_every):
                 watch.paused(self._save_checkpoint)
+            if stop.signum is not None:
+                bar.close()
+                raise TrainingInterrupted(stop.signum, self.state["step"], self._save_checkpoint())
         bar.close()
         return last_loss, watch.elapsed(), tokens_run
 
@@ -150,6 +165,8 @@ class Trainer:
                 loss = lm_loss(self.model, batch) / cfg["grad_accum"]
             loss.backward()
             loss_sum += loss.detach()
+            bad = ~torch.isfinite(loss.detach()) & (self._first_bad_step < 0)  # recorded without a sync
+            self._first_bad_step = torch.where(bad, step + 1, self._first_bad_step)
         if self.opts.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.opts.clip)
         self.optimizer.step()
@@ -171,24 +188,40 @@ class Trainer:
 
     def _evaluate(self):
         batch_size = self.opts.eval_batch_size or self.run_cfg["batch_size"]
-        return eval_loss(self.model, self.eval_blocks, batch_size, self.device, self.amp_dtype)[0]
+        loss = eval_loss(self.model, self.eval_blocks, batch_size, self.device, self.amp_dtype)[0]
+        if not math.isfinite(loss):
+            self._diverged(f"the eval loss is {loss}")
+        return loss
+
+    def _check_losses(self):
+        step = int(self._first_bad_step.item())
+        if step >= 0:
+            self._diverged(f"the training loss is not finite at step {step} (try a lower learning rate)")
+
+    def _check_weights(self):
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            self._diverged("the model's weights are not finite")
+
+    def _diverged(self, what):
+        found = ckpt.list_checkpoints(self.out)
+        kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved (see --save-every)"
+        raise TrainingDiverged(f"training diverged: {what}; no final model written, {kept}")
 
     def _append_log(self, record):
-        self.out.mkdir(parents=True, exist_ok=True)
+        record = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
         with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
 
     def _trainer_state(self):
         return {**self.state, **self.run_cfg, "data": str(self.opts.data), "options": self.opts.to_dict()}
 
     def _save_checkpoint(self):
+        """A resumable checkpoint of the current step (losses checked first: never a diverged one)."""
+        self._check_losses()
         folder = ckpt.checkpoint_folder(self.out, self.state["step"])
-        self._save(folder, optimizer=True)
+        ckpt.save_model_folder(folder, self.model, self.tokenizer, self._trainer_state(), self.optimizer)
         ckpt.prune_checkpoints(self.out, self.opts.keep_checkpoints)
-
-    def _save(self, folder, optimizer):
-        ckpt.save_model_folder(folder, self.model, self.tokenizer, self._trainer_state(),
-                               self.optimizer if optimizer else None)
+        return folder
 
 
 class _Stopwatch:

@@ -1,19 +1,22 @@
 """flash_attention (forward and backward) against an fp64 reference, by the comparison rule.
 
-Runs the Triton kernels under the interpreter on CPU (fp32, fp16: the interpreter cannot do bf16
-arithmetic in tl.dot), the compiled kernels with FASTLM_TEST_DEVICE=cuda (bf16 included), and the
-CPU torch path with the interpreter off."""
+Runs the Triton kernels under the interpreter on CPU (fp32, fp16, and bf16 through the bf16_dot fixture
+of tests/kernels/conftest.py, which widens the interpreter's bf16 dot operands as the GPU does), the
+compiled kernels with FASTLM_TEST_DEVICE=cuda, and the CPU torch path (FASTLM_KERNELS=reference).
+The launch configurations are sm_80's unless a test forces another GPU's (interpret_as)."""
 import math
 
 import pytest
 import torch
 
-from fastlm.kernels import attention_ref, flash_attention
+from fastlm.kernels import _utils, attention_ref, flash_attention
+from fastlm.kernels._flash import dkdv_group_splits, flash_bwd_config, flash_fwd_config
 from tests.compare import assert_close_by_rule
 
-DTYPES = [torch.float32, torch.float16]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # bf16 under the interpreter: the bf16_dot fixture
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 ON_CUDA = torch.empty(0).is_cuda
+GPU_SIZED = "GPU-sized, too slow for the interpreter: runs on a GPU (benchmarks/gpu_check.py runs this suite there)"
 
 
 def attention_plain(q, k, v, causal=True, scale=None, q_positions=None, k_lengths=None):
@@ -80,14 +83,8 @@ def check_forward(case, dtype, scale=None):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", FORWARD_CASES)
-def test_forward(case, dtype):
+def test_forward(case, dtype, bf16_dot):
     check_forward(case, dtype)
-
-
-@pytest.mark.skipif(not ON_CUDA, reason="the interpreter cannot do bf16 arithmetic in tl.dot (triton#11584)")
-@pytest.mark.parametrize("case", FORWARD_CASES + [(2, 4096, 4096, 8, 2, 128, True)])
-def test_forward_bf16_cuda(case):
-    check_forward(case, torch.bfloat16)
 
 
 def check_backward(case, dtype):
@@ -105,25 +102,42 @@ def check_backward(case, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", BACKWARD_CASES)
-def test_backward(case, dtype):
+def test_backward(case, dtype, bf16_dot):
     check_backward(case, dtype)
 
 
-@pytest.mark.skipif(not ON_CUDA, reason="the interpreter cannot do bf16 arithmetic in tl.dot (triton#11584)")
-@pytest.mark.parametrize("case", BACKWARD_CASES + [(1, 1024, 1024, 8, 2, 128, True)])
-def test_backward_bf16_cuda(case):
-    check_backward(case, torch.bfloat16)
+@pytest.mark.skipif(not ON_CUDA, reason=GPU_SIZED + "; the bf16 cases of test_forward / test_backward run the "
+                                                    "same kernels at small sizes")
+@pytest.mark.parametrize("check, case", [(check_forward, (2, 4096, 4096, 8, 2, 128, True)),
+                                         (check_backward, (1, 1024, 1024, 8, 2, 128, True))])
+def test_bf16_long(check, case):
+    check(case, torch.bfloat16)
+
+
+def _block_offsets(dtype, head_dim):
+    """Causal offsets Sk - Sq at the backward's query-block edges: 1 and BLOCK_M - 1 of the dK/dV and dQ
+    kernels, and their negatives (Sq > Sk: the first queries see no key)."""
+    block_ms = {flash_bwd_config(head_dim, dtype, kernel)[0] for kernel in ("dkdv", "dq")}
+    return sorted({sign * offset for offset in [1] + [m - 1 for m in block_ms] for sign in (1, -1)})
+
+
+@pytest.mark.parametrize("dtype, offset", [
+    pytest.param(dtype, offset, id=f"{str(dtype)[6:]}-offset{offset}") for dtype in (torch.float32, torch.float16)
+    for offset in _block_offsets(dtype, 32)])  # bf16 launches fp16's tiles
+def test_backward_causal_offsets_at_block_edges(dtype, offset):
+    """Sk - Sq = +-1 and +-(BLOCK_M - 1), with more than one key block (the dK/dV kernel's first query
+    block is rounded down to a BLOCK_M boundary) and rows past the last full query block."""
+    sq = 70 + max(-offset, 0)
+    check_backward((1, sq, sq + offset, 2, 1, 32, True), dtype)
 
 
 @pytest.mark.parametrize("n_sms", [1, 10**6])
-def test_backward_gqa_group_split(n_sms, monkeypatch):
+def test_backward_gqa_group_split(n_sms, interpret_as):
     """dK/dV summed over a whole GQA group in one program (many SMs busy already) and split over
     programs into fp32 partial sums (few programs)."""
-    from fastlm.kernels import attention
-
-    monkeypatch.setattr(attention, "_sm_count", lambda device: n_sms)
+    interpret_as(80, sms=n_sms)
     expected = 1 if n_sms == 1 else 8
-    assert attention.dkdv_group_splits(3, 8, n_sms) == expected
+    assert dkdv_group_splits(3, 8, n_sms) == expected
     check_backward((1, 37, 45, 8, 1, 32, True), torch.float16)
 
 
@@ -138,6 +152,25 @@ def poisoned_outputs(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
+
+
+SM90_CASES = [  # one per head-dim class of flash_fwd_config: sm_90's tiles differ from sm_80's in each
+    (1, 130, 260, 2, 1, 64, True),
+    (1, 150, 130, 2, 1, 128, True),
+    (2, 45, 45, 2, 2, 80, False),
+    (1, 70, 70, 2, 1, 256, True),
+]
+
+
+@pytest.mark.parametrize("case", SM90_CASES)
+def test_sm90_tiles(case, interpret_as, poisoned_outputs):
+    """The H100/H200 configurations (tiles chosen for arch 90), forward and backward, run numerically."""
+    interpret_as(90)
+    head_dim = case[5]
+    assert flash_fwd_config(head_dim, torch.float16, _utils.gpu_arch(torch.device("cpu"))) != \
+        flash_fwd_config(head_dim, torch.float16, 80), "the seam did not select sm_90's tiles"
+    check_forward(case, torch.float16)
+    check_backward(case, torch.float16)
 
 
 @pytest.mark.parametrize("case", [(2, 37, 45, 4, 1, 80, True), (1, 45, 37, 2, 2, 80, False)])

@@ -1,7 +1,7 @@
-"""fastlm's kernels as PyTorch custom operators (fastlm/kernels/ops.py).
+"""fastlm's kernels as PyTorch custom operators (the fastlm:: ops of fastlm/kernels/norms.py, attention.py).
 
 - torch.compile(fullgraph=True) of a small module around each public kernel runs (no graph break) and
-  matches eager, output and every gradient. On CPU this is the reference path (TRITON_INTERPRET=0:
+  matches eager, output and every gradient. On CPU this is the reference path (FASTLM_KERNELS=reference:
   compilation and the interpreter don't mix) with the aot_eager backend (Dynamo + AOTAutograd over the
   fake implementations: where a custom op can break), plus one Inductor build; on a GPU, Inductor.
 - torch.library.opcheck on every op, reference and Triton paths (schema, fake tensors, autograd
@@ -12,8 +12,11 @@
 import pytest
 import torch
 
-from fastlm.kernels import (attention_ref, decode_attention, flash_attention, layer_norm, layer_norm_ref, ops, rms_norm,
+from fastlm.kernels import (attention_ref, decode_attention, flash_attention, layer_norm, layer_norm_ref, rms_norm,
                             rms_norm_ref)
+from fastlm.kernels._utils import KERNELS_ENV
+from fastlm.kernels.attention import decode_attn, flash_attn_fwd
+from fastlm.kernels.norms import norm_fwd
 
 ON_CUDA = torch.empty(0).device.type == "cuda"
 BACKEND = "inductor" if ON_CUDA else "aot_eager"
@@ -121,7 +124,7 @@ def test_inductor_builds_a_module_using_every_kernel(reference_kernels):
 @pytest.mark.parametrize("path", ["reference", "triton"])  # on CPU "triton" is the interpreter
 def test_opcheck_every_op(path, monkeypatch):
     if path == "reference":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        monkeypatch.setenv(KERNELS_ENV, "reference")
     x, r, w, b = torch.randn(2, 3, N), torch.randn(2, 3, N), torch.randn(N), torch.randn(N)
     q, k, v = torch.randn(B, 5, HQ, D), torch.randn(B, 7, HKV, D), torch.randn(B, 7, HKV, D)
     lengths = torch.tensor([4, 7], dtype=torch.int32)
@@ -165,6 +168,11 @@ def assert_all_close(got, want64):
         torch.testing.assert_close(g, g64.float(), rtol=1e-4, atol=1e-5, msg=lambda m: f"output/grad {i}: {m}")
 
 
+def _norm_op(x, weight, bias, residual, eps, is_rms):
+    y, h, _, _ = norm_fwd(x, weight, bias, residual, eps, is_rms)
+    return y if residual is None else (y, h)
+
+
 @pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
 @pytest.mark.parametrize("residual", [False, True])
 def test_reference_norm_op_matches_autograd_fp64(kind, residual, reference_kernels):
@@ -172,7 +180,7 @@ def test_reference_norm_op_matches_autograd_fp64(kind, residual, reference_kerne
     b = 0.1 * torch.randn(33) if kind == "layer_norm" else None
     r = torch.randn(4, 7, 33) if residual else None
     cot = [torch.randn(4, 7, 33) for _ in range(2 if residual else 1)]
-    got = _run(lambda x, w, b, r: ops.norm(x, w, b, r, 1e-5, kind == "rms_norm"), (x, w, b, r), cot)
+    got = _run(lambda x, w, b, r: _norm_op(x, w, b, r, 1e-5, kind == "rms_norm"), (x, w, b, r), cot)
     if kind == "layer_norm":
         want = _fp64_run(lambda x, w, b, r: layer_norm_ref(x, w, b, 1e-5, r), (x, w, b, r), cot)
     else:
@@ -184,7 +192,7 @@ def test_reference_norm_op_matches_autograd_fp64(kind, residual, reference_kerne
 def test_reference_flash_op_matches_autograd_fp64(sq, sk, causal, reference_kernels):
     q, k, v = torch.randn(B, sq, HQ, D), torch.randn(B, sk, HKV, D), torch.randn(B, sk, HKV, D)
     cot = [torch.randn(B, sq, HQ, D)]
-    got = _run(lambda q, k, v: ops.flash_attn(q, k, v, causal, 0.3), (q, k, v), cot)
+    got = _run(lambda q, k, v: flash_attn_fwd(q, k, v, causal, 0.3)[0], (q, k, v), cot)
     assert_all_close(got, _fp64_run(lambda q, k, v: attention_ref(q, k, v, causal, 0.3), (q, k, v), cot))
 
 
@@ -193,7 +201,7 @@ def test_decode_op_matches_autograd_fp64(reference_kernels):
     lengths = torch.tensor([2, 9], dtype=torch.int32)
     positions = lengths[:, None].long() - 2 + torch.arange(2)
     cot = [torch.randn(B, 2, HQ, D)]
-    got = _run(lambda q, k, v: ops.decode_attn(q, k, v, lengths, 0.3), (q, k_cache, v_cache), cot)
+    got = _run(lambda q, k, v: decode_attn(q, k, v, lengths, 0.3), (q, k_cache, v_cache), cot)
     want = _fp64_run(lambda q, k, v: attention_ref(q, k, v, True, 0.3, q_positions=positions, k_lengths=lengths),
                      (q, k_cache, v_cache), cot)
     assert_all_close(got, want)

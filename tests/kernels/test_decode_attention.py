@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from fastlm.kernels import decode_attention
-from fastlm.kernels.attention import decode_splits
+from fastlm.kernels import _utils
+from fastlm.kernels._decode import MAX_SPLITS, decode_config, decode_splits
 from tests.compare import assert_close_by_rule
-from tests.kernels.test_attention import ATOL, ON_CUDA, attention_plain, poisoned_outputs  # noqa: F401
+from tests.kernels.test_attention import ATOL, GPU_SIZED, ON_CUDA, attention_plain, poisoned_outputs  # noqa: F401
 
 # (B, Sq, Hq, Hkv, S_max, D, lengths): lengths include 1 (or Sq) and S_max; group x Sq rows from 1 to 128
 CASES = [
@@ -34,9 +35,9 @@ def check_decode(case, dtype, packed_cache=False):
     assert_close_by_rule(out, ref, attention_plain(q, k_cache, v_cache, **args), atol=ATOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES)
-def test_decode(case, dtype):
+def test_decode(case, dtype, bf16_dot):
     check_decode(case, dtype)
 
 
@@ -49,10 +50,21 @@ def test_decode_strided_cache():
     check_decode((2, 2, 4, 2, 100, 64, [100, 2]), torch.float16, packed_cache=True)
 
 
-@pytest.mark.skipif(not ON_CUDA, reason="the interpreter cannot do bf16 arithmetic in tl.dot (triton#11584)")
-@pytest.mark.parametrize("case", CASES + [(4, 1, 32, 8, 32768, 128, [32768, 1, 20000, 4097])])
-def test_decode_bf16_cuda(case):
-    check_decode(case, torch.bfloat16)
+@pytest.mark.skipif(not ON_CUDA,
+                    reason=GPU_SIZED + "; test_decode's bf16 cases and test_decode_many_splits cover its paths")
+def test_decode_bf16_long():
+    check_decode((4, 1, 32, 8, 32768, 128, [32768, 1, 20000, 4097]), torch.bfloat16)
+
+
+@pytest.mark.parametrize("arch, sms, n_splits", [(90, 132, MAX_SPLITS), (80, 108, 81)])
+def test_decode_many_splits(arch, sms, n_splits, interpret_as):
+    """The combine kernel merging many KV chunks (past 64: its widest block), ragged lengths leaving
+    chunks empty, with the SM counts of an H100 and an A100 sizing the grid."""
+    interpret_as(arch, sms)
+    block_n = decode_config(32, torch.float32, 4)[1]
+    s_max = n_splits * block_n
+    assert decode_splits(2, 1, s_max, block_n, _utils.sm_count(torch.device("cpu")))[0] == n_splits
+    check_decode((2, 2, 2, 1, s_max, 32, [s_max, s_max // 3]), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -5,14 +5,11 @@ Outputs and every gradient (x, residual, weight, bias, including a gradient flow
 are judged by the comparison rule: error vs fp64 <= 2 x the error plain torch makes in the same dtype
 (F.layer_norm; RMSNorm the way HF Llama computes it) + a small atol.
 """
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import triton.language as tl
-from triton.runtime import interpreter
 
-from fastlm.kernels import norms
+from fastlm.kernels import _norm, norms
 from fastlm.kernels.norms import LayerNorm, RMSNorm, layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
 from tests.compare import assert_close_by_rule
 
@@ -20,6 +17,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 KINDS = ["layer_norm", "layer_norm_nobias", "rms_norm"]
 EPS = 1e-5
+pytestmark = pytest.mark.usefixtures("bf16_round_to_nearest")  # tests/kernels/conftest.py
 
 
 def _inputs(kind, shape, dtype, residual, device=None):
@@ -84,24 +82,7 @@ def poisoned(monkeypatch):
     """Kernel outputs start as NaN, so any element a kernel fails to write shows up."""
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(norms, "_empty", nan_empty)
-
-
-@pytest.fixture(autouse=True)
-def bf16_round_to_nearest(monkeypatch):
-    """Triton 3.9's interpreter converts fp32 -> bf16 by truncation, where the GPU (cvt.rn) rounds to
-    nearest even; emulate the GPU so bf16 stores are judged as they will run."""
-    convert = interpreter._convert_float
-
-    def convert_rne(data, src, dst, rounding_mode):
-        if not (src == tl.float32 and dst == tl.bfloat16 and rounding_mode is None):
-            return convert(data, src, dst, rounding_mode)
-        bits = np.ascontiguousarray(data, dtype=np.float32).view(np.uint32)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-        nan = ((bits >> 16) | 0x40).astype(np.uint16)
-        return np.where(np.isnan(data), nan, rounded).reshape(data.shape)
-
-    monkeypatch.setattr(interpreter, "_convert_float", convert_rne)
+    monkeypatch.setattr(_norm, "_empty", nan_empty)
 
 
 SHAPES = [(1, 1, 1), (1, 1, 7), (3, 5, 131), (2, 768), (7, 1000), (3, 4097), (2, 12288)]
@@ -121,7 +102,7 @@ def test_gradient_from_one_output_only(poisoned, kind, grads_for):
     _check(kind, (5, 300), torch.float16, residual=True, grads_for=grads_for)
 
 
-@pytest.mark.parametrize("N", [norms.MAX_FUSED_N + 1, norms.MAX_N])
+@pytest.mark.parametrize("N", [_norm.MAX_FUSED_N + 1, norms.MAX_N])
 @pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
 def test_chunk_boundary_and_longest_row(kind, N):
     _check(kind, (2, N), torch.float16, residual=True)
@@ -182,7 +163,7 @@ def test_empty_batch():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", KINDS)
 def test_cpu_reference_path(reference_kernels, kind, dtype, residual):
-    """TRITON_INTERPRET=0 on CPU: the PyTorch reference runs, and meets the same rule."""
+    """FASTLM_KERNELS=reference on CPU: the PyTorch reference runs, and meets the same rule."""
     _check(kind, (3, 5, 131), dtype, residual, device="cpu")
     x, w, b, r = _inputs(kind, (2, 33), dtype, residual, device="cpu")
     ref = rms_norm_ref(x, w, EPS, r) if kind == "rms_norm" else layer_norm_ref(x, w, b, EPS, r)

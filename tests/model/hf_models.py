@@ -7,7 +7,8 @@ import torch
 VOCAB = 97  # prime, so no accidental divisibility
 
 # name -> (model_type, HF config kwargs). Covers: tied/untied, MHA/GQA, head_dim 16 and 32, explicit
-# head_dim != dim / n_head, Llama-3 and linear rope scaling, Llama attention/MLP biases, Qwen2 q/k/v bias.
+# head_dim != dim / n_head, Llama-3 rope scaling (original length 32: all three bands reached, see
+# test_rope_scaling.py) and linear, Llama attention/MLP biases, Qwen2 q/k/v bias.
 CONFIGS = {
     "gpt2_tied_hd16": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=64)),
     "gpt2_untied_hd32": ("gpt2", dict(n_embd=64, n_layer=2, n_head=2, n_positions=64, tie_word_embeddings=False,
@@ -18,7 +19,7 @@ CONFIGS = {
                                        num_key_value_heads=1, head_dim=32, max_position_embeddings=64,
                                        tie_word_embeddings=True, rope_theta=10000.0,
                                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
     "llama_bias_linear": ("llama", dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=3,
                                         num_key_value_heads=3, max_position_embeddings=64, attention_bias=True,
                                         mlp_bias=True, rope_scaling={"rope_type": "linear", "factor": 2.0})),

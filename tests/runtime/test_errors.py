@@ -3,7 +3,7 @@ words on one stderr line and exits with code 2 (no traceback)."""
 import pytest
 
 import fastlm
-import fastlm.runtime.llm as llm_module
+import fastlm.model.model_path as model_path
 from fastlm.cli import main
 from tests.runtime.checkpoints import CONTEXT
 
@@ -56,7 +56,7 @@ def test_unknown_model_path(tmp_path):
 
 
 def test_no_default_model_says_to_pass_a_path(tmp_path, monkeypatch):
-    monkeypatch.setattr(llm_module, "default_model_path", lambda: tmp_path / "default_model")
+    monkeypatch.setattr(model_path, "DEFAULT_MODEL_DIR", tmp_path / "default_model")
     with pytest.raises(ValueError, match="pass a checkpoint path"):
         fastlm.LLM()
 

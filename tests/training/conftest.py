@@ -4,7 +4,9 @@ import random
 
 import pytest
 
+from fastlm.kernels._utils import KERNELS_ENV
 from fastlm.training.data import train_bpe_tokenizer
+from tests.conftest import ON_CUDA
 
 TEMPLATES = [
     "def add_{a}(x):\n    return x + {a}\n\n",
@@ -40,6 +42,7 @@ def tokenizer_dir(corpus, tmp_path_factory):
 def cpu_reference(request):
     """Module-wide version of the suite's `reference_kernels` fixture (module fixtures cannot use it)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "0")
+        if not ON_CUDA:
+            mp.setenv(KERNELS_ENV, "reference")
         yield
 

@@ -66,7 +66,7 @@ def test_conflicting_and_unknown_options(base, tmp_path):
 
 
 def test_missing_model_folder(base, tmp_path):
-    with pytest.raises(FileNotFoundError, match="model folder not found"):
+    with pytest.raises(ValueError, match="model path does not exist"):
         fastlm.train(**dict(base, config=None, model=tmp_path / "nowhere"))
 
 
@@ -76,7 +76,7 @@ def test_batch_size_larger_than_the_data(base, reference_kernels):
 
 
 def test_evaluate_errors(corpus, tmp_path, reference_kernels):
-    with pytest.raises(FileNotFoundError, match="model folder not found"):
+    with pytest.raises(ValueError, match="model path does not exist"):
         fastlm.evaluate(tmp_path / "nowhere", corpus[1])
     with pytest.raises(ValueError, match="data must be"):
         fastlm.evaluate(tmp_path, None)
@@ -90,4 +90,4 @@ def test_cli_reports_one_line_and_exit_code_2(corpus, tmp_path, capsys):
     assert main(["train", "--data", str(corpus[0]), "--config", "nope", "--out", str(tmp_path)]) == 2
     assert "known configs: default, gpt2" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path / "nowhere"), "--data", str(corpus[1])]) == 2
-    assert "model folder not found" in capsys.readouterr().err
+    assert "model path does not exist" in capsys.readouterr().err

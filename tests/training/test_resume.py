@@ -37,9 +37,10 @@ def test_resume_from_a_checkpoint_folder_repeats_the_uninterrupted_run(uninterru
                                                                       reference_kernels):
     full, full_out = uninterrupted
     out = tmp_path / "resumed"
-    # Options that fix the schedule and data order come from the checkpoint, whatever is passed now.
-    resumed = fastlm.train(data=corpus[0], out=out, resume=full_out / "checkpoint-0000004",
-                           **dict(RUN, lr=1.0, steps=100))
+    # Options that fix the schedule and data order come from the checkpoint: those left at their
+    # defaults are taken from it (here: warmup, left out), others must match (see test_output_folder.py).
+    run = {k: v for k, v in RUN.items() if k != "warmup"}
+    resumed = fastlm.train(data=corpus[0], out=out, resume=full_out / "checkpoint-0000004", **run)
     assert resumed.steps == 8 and resumed.tokens == full.tokens and resumed.initial_eval_loss is None
     expected = [r for r in _log(full_out) if r["step"] > 4]
     got = _log(out)
