@@ -50,7 +50,7 @@ def int4_packed_available(n_out: int) -> bool:
             and _op("_convert_weight_to_int4pack_for_cpu") is not None)
 
 
-def int8_linear(x, weight, scale, bias, dequantize):
+def int8_linear_cpu(x, weight, scale, bias, dequantize):
     """dequantize: fastlm.kernels.quant.dequantize_int8 (the one definition of the format)."""
     if x.dtype != torch.bfloat16:  # fp16: x @ q.T (|q| <= 127) could overflow before the scale
         candidates = {"dequant": lambda: F.linear(x, dequantize(weight, scale, x.dtype), _cast(bias, x))}
@@ -72,7 +72,7 @@ def int8_packed(x, weight, scale, bias):
     return y if bias is None else y + bias.to(y.dtype)
 
 
-def int4_linear(x, weight, scale, zero, bias, dequantize):
+def int4_linear_cpu(x, weight, scale, zero, bias, dequantize):
     """dequantize: fastlm.kernels.quant.dequantize_int4."""
     candidates = {"dequant": lambda: F.linear(x, dequantize(weight, scale, zero, x.shape[1], x.dtype), _cast(bias, x))}
     if int4_packed_available(weight.shape[0]) and x.dtype in (torch.float32, torch.bfloat16):

@@ -19,8 +19,9 @@ int4, asymmetric per group of G consecutive input columns (G in 32, 64, 128; def
     int8_linear(x, weight, scale, bias=None)       ~= x @ dequantize_int8(weight, scale).T + bias
     int4_linear(x, weight, scale, zero, bias=None)  ~= x @ dequantize_int4(weight, scale, zero, K).T + bias
 
-Dispatch: CUDA tensors run the Triton kernels of _quant.py (a GEMV up to 16 rows of x, a tensor-core GEMM
-beyond); so do CPU tensors under TRITON_INTERPRET=1. Other CPU calls go to _quant_cpu.py: PyTorch's packed
+Dispatch (fastlm.kernels._utils.use_triton): CUDA tensors run the Triton kernels of _quant.py (a GEMV up to
+16 rows of x, a tensor-core GEMM beyond); so do CPU tensors under TRITON_INTERPRET=1. With
+FASTLM_KERNELS=reference a GPU runs the fp32 reference. Other CPU calls go to _quant_cpu.py: PyTorch's packed
 weight-only kernels (aten._weight_int8pack_mm, _weight_int4pack_mm_for_cpu) or dequantize + F.linear,
 whichever measured faster on this machine for that format, dtype and decode/prefill size (timed once
 per process). On the Triton path and under torch.compile the linears go through the custom ops
@@ -35,8 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.library import custom_op
 
-from fastlm.kernels import _quant, _quant_cpu
-from fastlm.kernels._utils import FLOAT_DTYPES, check_tensor, use_triton
+from fastlm.kernels._quant import launch_int4_linear, launch_int8_linear
+from fastlm.kernels._quant_cpu import int4_linear_cpu, int8_linear_cpu
+from fastlm.kernels._utils import FLOAT_DTYPES, cdiv, check_tensor, eager_reference, rows, use_triton
 
 INT4_GROUP_SIZES = (32, 64, 128)
 _MIN_SCALE = 1e-12  # constant rows / groups: any positive scale reproduces them exactly
@@ -65,7 +67,7 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128):
     _check_weight(w)
     _check_group_size(group_size)
     N, K = w.shape
-    Kp = -(-K // group_size) * group_size
+    Kp = cdiv(K, group_size) * group_size
     groups = F.pad(w.detach().float(), (0, Kp - K)).view(N, Kp // group_size, group_size)
     lo, hi = groups.amin(dim=2), groups.amax(dim=2)
     scale = ((hi - lo) / 15).clamp_min(_MIN_SCALE)
@@ -114,11 +116,11 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     _check_int8(weight, scale)
     _check_x(x, weight, weight.shape[1], "weight.shape[1]")
     _check_bias(bias, weight)
-    x2 = _rows(x)
-    if use_triton(x) or torch.compiler.is_compiling():
-        y = int8_linear_op(x2, weight, scale, bias)
+    x2 = rows(x, x.shape[-1])
+    if eager_reference(x):  # not traced, no Triton: skip the op dispatch
+        y = _int8_linear_untriton(x2, weight, scale, bias)
     else:
-        y = _quant_cpu.int8_linear(x2, weight, scale, bias, dequantize_int8)
+        y = int8_linear_op(x2, weight, scale, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -132,20 +134,35 @@ def int4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero
     group = _check_int4(weight, scale, zero)
     _check_x(x, weight, None, None, group=group)
     _check_bias(bias, weight)
-    x2 = _rows(x)
-    if use_triton(x) or torch.compiler.is_compiling():
-        y = int4_linear_op(x2, weight, scale, zero, bias)
+    x2 = rows(x, x.shape[-1])
+    if eager_reference(x):  # not traced, no Triton: skip the op dispatch
+        y = _int4_linear_untriton(x2, weight, scale, zero, bias)
     else:
-        y = _quant_cpu.int4_linear(x2, weight, scale, zero, bias, dequantize_int4)
+        y = int4_linear_op(x2, weight, scale, zero, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _int8_linear_untriton(x, weight, scale, bias):
+    """Off the Triton path: the CPU paths for CPU tensors, the reference elsewhere (FASTLM_KERNELS=reference
+    on a GPU: PyTorch's packed kernels are CPU-only)."""
+    if x.device.type == "cpu":
+        return int8_linear_cpu(x, weight, scale, bias, dequantize_int8)
+    return int8_linear_ref(x, weight, scale, bias)
+
+
+def _int4_linear_untriton(x, weight, scale, zero, bias):
+    """As _int8_linear_untriton."""
+    if x.device.type == "cpu":
+        return int4_linear_cpu(x, weight, scale, zero, bias, dequantize_int4)
+    return int4_linear_ref(x, weight, scale, zero, bias)
 
 
 @custom_op("fastlm::int8_linear", mutates_args=())
 def int8_linear_op(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """x (M, K) -> (M, N): the Triton launcher, or the CPU path."""
+    """x (M, K) -> (M, N): the Triton launcher, or the CPU paths / the reference."""
     if use_triton(x):
-        return _quant.int8_linear_2d(x, weight, scale, bias)
-    return _quant_cpu.int8_linear(x, weight, scale, bias, dequantize_int8)
+        return launch_int8_linear(x, weight, scale, bias)
+    return _int8_linear_untriton(x, weight, scale, bias)
 
 
 @int8_linear_op.register_fake
@@ -155,20 +172,15 @@ def _(x, weight, scale, bias):
 
 @custom_op("fastlm::int4_linear", mutates_args=())
 def int4_linear_op(x: Tensor, weight: Tensor, scale: Tensor, zero: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """x (M, K) -> (M, N): the Triton launcher, or the CPU path."""
+    """x (M, K) -> (M, N): the Triton launcher, or the CPU paths / the reference."""
     if use_triton(x):
-        return _quant.int4_linear_2d(x, weight, scale, zero, bias)
-    return _quant_cpu.int4_linear(x, weight, scale, zero, bias, dequantize_int4)
+        return launch_int4_linear(x, weight, scale, zero, bias)
+    return _int4_linear_untriton(x, weight, scale, zero, bias)
 
 
 @int4_linear_op.register_fake
 def _(x, weight, scale, zero, bias):
     return x.new_empty(x.shape[0], weight.shape[0])
-
-
-def _rows(x):
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -181,8 +193,7 @@ def _check_group_size(group_size):
 def _check_int8(weight, scale):
     check_tensor("weight", weight, ndim=2, dtypes=(torch.int8,))
     check_tensor("scale", scale, shape=(weight.shape[0],), dtypes=FLOAT_DTYPES)
-    if scale.device != weight.device:
-        raise ValueError(f"scale must be on weight's device ({weight.device}), got {scale.device}")
+    _check_on_weight_device("scale", scale, weight)
 
 
 def _check_int4(weight, scale, zero) -> int:
@@ -197,9 +208,8 @@ def _check_int4(weight, scale, zero) -> int:
     if Kp % groups or Kp // groups not in INT4_GROUP_SIZES:
         raise ValueError(f"weight (N, {Kp // 2}) bytes and scale (N, {groups}) groups give a group size of "
                          f"{Kp / groups:g} columns, not one of {INT4_GROUP_SIZES}")
-    for name, t in (("scale", scale), ("zero", zero)):
-        if t.device != weight.device:
-            raise ValueError(f"{name} must be on weight's device ({weight.device}), got {t.device}")
+    _check_on_weight_device("scale", scale, weight)
+    _check_on_weight_device("zero", zero, weight)
     return Kp // groups
 
 
@@ -212,8 +222,7 @@ def _check_in_features(K, Kp, group, name):
 
 def _check_x(x, weight, K, what, group=None):
     check_tensor("x", x, min_ndim=1)
-    if x.device != weight.device:
-        raise ValueError(f"x must be on weight's device ({weight.device}), got {x.device}")
+    _check_on_weight_device("x", x, weight)
     if group is None and x.shape[-1] != K:
         raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal {what} ({K})")
     if group is not None:
@@ -223,8 +232,12 @@ def _check_x(x, weight, K, what, group=None):
 def _check_bias(bias, weight):
     if bias is not None:
         check_tensor("bias", bias, shape=(weight.shape[0],))
-        if bias.device != weight.device:
-            raise ValueError(f"bias must be on weight's device ({weight.device}), got {bias.device}")
+        _check_on_weight_device("bias", bias, weight)
+
+
+def _check_on_weight_device(name, t, weight):
+    if t.device != weight.device:
+        raise ValueError(f"{name} must be on weight's device ({weight.device}), got {t.device}")
 
 
 # ----------------------------------------------------------------------------------------------- module
@@ -246,7 +259,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("weight_scale", torch.empty(N, dtype=torch.float32, device=device))
         else:
             _check_group_size(group_size)
-            groups = -(-K // group_size)
+            groups = cdiv(K, group_size)
             self.register_buffer("weight", torch.empty(N, groups * group_size // 2, dtype=torch.uint8, device=device))
             self.register_buffer("weight_scale", torch.empty(N, groups, dtype=torch.float32, device=device))
             self.register_buffer("weight_zero", torch.empty(N, groups, dtype=torch.float32, device=device))

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from fastlm.kernels import _quant, _quant_cpu
-from fastlm.kernels.quant import (QuantLinear, dequantize_int4, dequantize_int8, int4_linear, int8_linear,
-                                  quantize_int4, quantize_int8)
+from fastlm.kernels._utils import KERNELS_ENV
+from fastlm.kernels.quant import (QuantLinear, dequantize_int4, dequantize_int8, int4_linear, int4_linear_ref,
+                                  int8_linear, int8_linear_ref, quantize_int4, quantize_int8)
 from tests.compare import assert_close_by_rule
 from tests.conftest import ON_CUDA
 
@@ -117,6 +118,32 @@ def test_gemm_bf16_cuda(bits):
     _check_linear(bits, 70, 96, 256, torch.bfloat16, group=64)
 
 
+@pytest.mark.parametrize("M", [3, 20])  # the GEMV and the GEMM
+@pytest.mark.parametrize("bits", [8, 4])
+def test_linear_reads_strided_weight_and_scales(bits, M):
+    """Views whose rows are farther apart than their width (a slice of wider tensors): the kernels follow
+    the weight's row stride and the launchers compact the scales, instead of assuming contiguity."""
+    weight, *scales = _quantized(bits, 40, 96, 32)
+    weight_view = torch.cat((weight, torch.ones_like(weight)), dim=1)[:, : weight.shape[1]]  # rows 2x apart
+    scale_views = [torch.stack((t, torch.ones_like(t)), dim=-1)[..., 0] for t in scales]  # every other value
+    views = [weight_view, *scale_views]
+    assert not any(v.is_contiguous() for v in views)
+    q = (weight, *scales)
+    x = torch.randn(M, 96)
+    fn = int8_linear if bits == 8 else int4_linear
+    torch.testing.assert_close(fn(x, *views), fn(x, *q))
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="FASTLM_KERNELS=reference on a GPU (CPU tensors take the CPU paths)")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_reference_switch_on_a_gpu_runs_the_reference(monkeypatch, bits):
+    """Not the CPU paths: PyTorch's packed weight-only kernels take CPU tensors only."""
+    monkeypatch.setenv(KERNELS_ENV, "reference")
+    q, x = _quantized(bits, 32, 64, 32), torch.randn(3, 64)
+    fn, ref = (int8_linear, int8_linear_ref) if bits == 8 else (int4_linear, int4_linear_ref)
+    assert torch.equal(fn(x, *q), ref(x, *q))
+
+
 def test_launcher_picks_gemv_up_to_16_rows_then_gemm(monkeypatch):
     launched = []
     for name in ("_int8_gemv", "_int8_gemm"):
@@ -124,7 +151,7 @@ def test_launcher_picks_gemv_up_to_16_rows_then_gemm(monkeypatch):
         monkeypatch.setattr(_quant, name, _Recorder(kernel, name, launched))
     q = quantize_int8(torch.randn(8, 32))
     for M in (1, 16, 17):
-        _quant.int8_linear_2d(torch.randn(M, 32), *q, None)
+        _quant.launch_int8_linear(torch.randn(M, 32), *q, None)
     assert launched == ["_int8_gemv", "_int8_gemv", "_int8_gemm"]
 
 
