@@ -26,17 +26,17 @@ def add_parsers(subparsers) -> None:
 
 def run_quantize(args) -> int:
     from fastlm.model import Transformer
+    from fastlm.model.devices import resolve_device
+    from fastlm.model.model_path import resolve_model_path
     from fastlm.model.quantize import QuantConfig
 
     if args.bits == 8 and args.group_size is not None:
         raise ValueError("--group-size applies to --bits 4 only")
     qcfg = QuantConfig(args.bits, None if args.bits == 8 else (args.group_size or 128), args.quantize_head)
-    src, out = Path(args.model), Path(args.out)
-    if not (src / "config.json").is_file():
-        raise ValueError(f"--model {src} is not a checkpoint folder (no config.json in it)")
+    src, out, device = resolve_model_path(args.model), Path(args.out), resolve_device(args.device)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out} exists and is not an empty folder; choose a new one")
-    model = Transformer.from_pretrained(src, device=args.device, quantize=qcfg)
+    model = Transformer.from_pretrained(src, device=device, quantize=qcfg)
     model.save_pretrained(out)
     for file in sorted(src.iterdir()):  # tokenizer, generation config, ...: everything but weights and config
         if file.is_file() and file.name != "config.json" and not file.name.endswith(WEIGHT_SUFFIXES) \

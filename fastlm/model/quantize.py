@@ -17,7 +17,6 @@ fp32. A fused layer (Llama's q/k/v, gate/up) is stored per HF part: rows split c
 are per row (int8) or per row and group (int4). Loading reads these tensors as they are (no
 re-quantizing); other float tensors load in the requested dtype. transformers cannot load this format.
 """
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -25,6 +24,8 @@ from typing import Optional
 from torch import nn
 
 from fastlm.kernels.quant import INT4_GROUP_SIZES, QuantLinear
+from fastlm.model.json_files import read_json_object
+from fastlm.model.validation import check_choice
 from fastlm.model.weight_map import Entry
 
 QUANT_METHOD = "fastlm"
@@ -39,11 +40,10 @@ class QuantConfig:
     quantize_head: bool = False  # also quantize the LM head
 
     def __post_init__(self):
-        if self.bits not in (4, 8):
-            raise ValueError(f"bits must be 8 or 4, got {self.bits!r}")
-        if self.bits == 4 and self.group_size not in INT4_GROUP_SIZES:
-            raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES} for int4, got {self.group_size!r}")
-        if self.bits == 8 and self.group_size is not None:
+        check_choice("bits", self.bits, (8, 4))
+        if self.bits == 4:
+            check_choice("group_size", self.group_size, INT4_GROUP_SIZES)
+        elif self.group_size is not None:
             raise ValueError(f"group_size applies to int4 only, got {self.group_size!r} with int8")
 
     @property
@@ -74,9 +74,7 @@ def parse_quantize(quantize, quantize_head: bool = False) -> Optional[QuantConfi
     if quantize is None:
         return None
     names = {"int8": (8, None), "int4": (4, 128), **{f"int4-g{g}": (4, g) for g in INT4_GROUP_SIZES}}
-    if quantize not in names:
-        raise ValueError(f"quantize must be one of {', '.join(names)} or None, got {quantize!r}")
-    bits, group = names[quantize]
+    bits, group = names[check_choice("quantize", quantize, tuple(names))]
     return QuantConfig(bits, group, quantize_head)
 
 
@@ -146,5 +144,5 @@ def _set_module(model, name, module):
 def read_quant_config(folder) -> Optional[QuantConfig]:
     """The QuantConfig of a checkpoint folder's config.json, None for a float checkpoint."""
     path = Path(folder) / "config.json"
-    entry = json.loads(path.read_text(encoding="utf-8")).get("quantization_config")
+    entry = read_json_object(path, missing_ok=False).get("quantization_config")
     return None if entry is None else QuantConfig.from_json(entry, path)

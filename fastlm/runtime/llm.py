@@ -47,10 +47,8 @@ class LLM:
         """quantize: None, "int8" or "int4" (also "int4-g32" / "-g64" / "-g128"): weight-only quantized linear
         layers (fastlm.model.quantize). A checkpoint written by `fastlm quantize` loads quantized as it is."""
         from fastlm.model import Transformer, load_tokenizer
-        from fastlm.model.quantize import parse_quantize
 
         path = resolve_model_path(model)
-        parse_quantize(quantize)  # a bad value fails before the model loads
         self.path = path
         self.model = Transformer.from_pretrained(path, dtype=dtype, device=resolve_device(device), quantize=quantize)
         if packing_available(self.model.dtype, self.model.device):

@@ -155,6 +155,7 @@ def test_quantized_checkpoint_errors(checkpoints, tmp_path, reference_kernels):
 @pytest.mark.parametrize("args, message", [
     (["--bits", "8", "--group-size", "64"], "--group-size applies to --bits 4 only"),
     (["--bits", "4", "--group-size", "48"], "group_size must be one of"),
+    (["--bits", "8", "--device", "tpu"], "device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
 ])
 def test_quantize_command_errors(checkpoints, tmp_path, capsys, args, message):
     code, _, err = run_cli(capsys, "quantize", "--model", str(checkpoints["gpt2"][0]), "--out", str(tmp_path / "q"), *args)
