@@ -29,8 +29,9 @@ BENCHMARKS = {
     "bench_norms": [],
     "bench_attention": [],
     "bench_generate": [],
+    "bench_quant": [],
 }
-BUDGET_S = {"tests": 240, "bench_norms": 80, "bench_attention": 100, "bench_generate": 120}
+BUDGET_S = {"tests": 240, "bench_norms": 80, "bench_attention": 100, "bench_generate": 120, "bench_quant": 150}
 
 
 def environment(device: str) -> dict:

@@ -228,11 +228,12 @@ class Transformer(nn.Module):
             raise ValueError(f"cache.max_seq_len ({cache.max_seq_len}) exceeds config.max_seq_len ({cfg.max_seq_len})")
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None) -> "Transformer":
-        """Load a HF checkpoint folder (gpt2 / llama / mistral / qwen2) in eval mode; see fastlm.model.loading."""
+    def from_pretrained(cls, path, dtype=None, device=None, quantize=None) -> "Transformer":
+        """Load a HF checkpoint folder (gpt2 / llama / mistral / qwen2) in eval mode; see fastlm.model.loading.
+        quantize="int8" | "int4" quantizes the linear layers while loading (fastlm.model.quantize)."""
         from fastlm.model.loading import load_pretrained
 
-        return load_pretrained(cls, path, dtype=dtype, device=device)
+        return load_pretrained(cls, path, dtype=dtype, device=device, quantize=quantize)
 
     def save_pretrained(self, out_dir) -> None:
         """Write config.json + model.safetensors in the HF format of the model's family."""

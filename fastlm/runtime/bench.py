@@ -8,13 +8,15 @@ ignores eos (every row runs the full length), so both engines do the same work.
   token (it includes generate's setup, which is part of what a user waits for), decode = the N steps
   after it.
 Weight bytes per step: every parameter a decode step reads (linear layers, norms, the lm_head), not
-the input embedding table (it reads B rows of it) nor learned positions.
+the input embedding table (it reads B rows of it) nor learned positions; quantized layers count their
+integer weights and scales.
 """
 import statistics
 import time
 
 import torch
 
+from fastlm.kernels.quant import QuantLinear
 from fastlm.runtime.cuda_graph import make_decode_step
 from fastlm.runtime.generate import prefill
 from fastlm.runtime.sampling import SamplingParams, next_tokens
@@ -28,7 +30,8 @@ def weight_bytes_per_step(model) -> int:
     if getattr(model, "pos_emb", None) is not None:
         skip.add(id(model.pos_emb.weight))
     seen, total = set(), 0
-    for p in model.parameters():
+    quantized = [b for m in model.modules() if isinstance(m, QuantLinear) for b in m.buffers()]
+    for p in list(model.parameters()) + quantized:
         if id(p) in skip or id(p) in seen:
             continue
         seen.add(id(p))

@@ -43,12 +43,14 @@ def check_text_prompts(prompt) -> List[str]:
 class LLM:
     """A checkpoint loaded for generation: `model` (fastlm.model.Transformer) and `tokenizer`."""
 
-    def __init__(self, model: Optional[Union[str, Path]] = None, dtype=None, device=None):
+    def __init__(self, model: Optional[Union[str, Path]] = None, dtype=None, device=None, quantize=None):
+        """quantize: None, "int8" or "int4" (also "int4-g32" / "-g64" / "-g128"): weight-only quantized linear
+        layers (fastlm.model.quantize). A checkpoint written by `fastlm quantize` loads quantized as it is."""
         from fastlm.model import Transformer, load_tokenizer
 
         path = resolve_model_path(model)
         self.path = path
-        self.model = Transformer.from_pretrained(path, dtype=dtype, device=resolve_device(device))
+        self.model = Transformer.from_pretrained(path, dtype=dtype, device=resolve_device(device), quantize=quantize)
         if packing_available(self.model.dtype, self.model.device):
             pack_linears(self.model)  # CPU: weights prepacked for oneDNN (see cpu_linear.py)
         vocab = self.model.config.vocab_size
