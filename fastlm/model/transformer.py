@@ -5,6 +5,9 @@ Pre-norm blocks with the residual add fused into the norms:
 Attention runs fastlm.kernels.flash_attention for a whole sequence (no cache, or a prefill of more
 than DECODE_MAX_T tokens) and fastlm.kernels.decode_attention for cached steps of 1..DECODE_MAX_T tokens,
 which handles rows of different lengths and never synchronizes with the host (CUDA-graph friendly).
+With an AttentionMetadata (the engine's steps over a paged KV pool), tokens of many sequences come
+packed in one flat batch: K/V are written through its slot mapping, decode rows attend through
+paged_decode_attention and prefill chunks through paged_prefill_attention (see attention_metadata.py).
 q/k/v are one fused projection (wqkv) and SwiGLU's gate/up another (w_gate_up); fastlm.model.loading
 maps them to and from the HF weight names."""
 import math
@@ -15,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastlm.kernels import LayerNorm, RMSNorm, decode_attention, flash_attention
+from fastlm.kernels import (LayerNorm, RMSNorm, decode_attention, flash_attention, paged_decode_attention,
+                            paged_prefill_attention)
 from fastlm.kernels.attention import MAX_DECODE_QUERIES
+from fastlm.model.attention_metadata import AttentionMetadata
 from fastlm.model.cache import KVCache
 from fastlm.model.config import ModelConfig
 from fastlm.model.rope import Rotary, apply_rope
@@ -33,6 +38,7 @@ class _Step:
     positions: Optional[torch.Tensor]  # (B, T) int64 write positions (decode path)
     seqlens_after: Optional[torch.Tensor]  # (B,) int32 lengths including the new tokens (decode path)
     prefill_start: Optional[int]  # common start of all rows (cached prefill path)
+    paged: Optional[AttentionMetadata] = None  # the engine's step (paged KV pool)
 
 
 def _make_norm(cfg: ModelConfig):
@@ -67,13 +73,31 @@ class Attention(nn.Module):
         if step.cos is not None:  # q and k heads are adjacent: rotate them in one call
             qk = apply_rope(qk, step.cos, step.sin)
         q, k = qk[:, :, :Hq], qk[:, :, Hq:]  # (B, T, Hq, D), (B, T, Hkv, D)
-        if step.cache is None:
+        if step.paged is not None:
+            out = self._paged(q[0], k[0], v[0], step.paged)
+        elif step.cache is None:
             out = flash_attention(q, k, v, causal=True)
         elif step.prefill_start is None:
             out = self._decode(q, k, v, step)
         else:
             out = self._cached_prefill(q, k, v, step)
         return self.wo(out.reshape(B, T, Hq * self.head_dim))  # (B, T, Hq * D) -> (B, T, dim)
+
+    def _paged(self, q, k, v, meta: AttentionMetadata):
+        """q (N, Hq, D), k/v (N, Hkv, D) of one packed step: write K/V to the pool, then attend the
+        decode rows and the prefill chunks over their paged keys -> (N, Hq, D)."""
+        k_pool, v_pool = meta.layer_pools(self.layer_idx)  # each (num_blocks, block_size, Hkv, D)
+        Hkv, D = k.shape[1:]
+        k_pool.view(-1, Hkv, D).index_copy_(0, meta.slot_mapping, k)
+        v_pool.view(-1, Hkv, D).index_copy_(0, meta.slot_mapping, v)
+        nd, parts = meta.num_decodes, []
+        if nd:
+            out = paged_decode_attention(q[:nd, None], k_pool, v_pool, meta.decode_block_tables, meta.decode_seqlens)
+            parts.append(out[:, 0])  # (nd, 1, Hq, D) -> (nd, Hq, D)
+        if meta.num_prefills:
+            parts.append(paged_prefill_attention(q[nd:], k_pool, v_pool, meta.prefill_block_tables,
+                                                 meta.prefill_cu_seqlens_q, meta.prefill_seqlens_k))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _decode(self, q, k, v, step: _Step):
         """Scatter the new K/V at each row's own positions, then attend over each row's valid prefix."""
@@ -171,10 +195,15 @@ class Transformer(nn.Module):
         return KVCache(cfg.n_layer, batch_size, max_seq_len, cfg.n_kv_head, cfg.head_dim,
                        dtype=dtype or self.dtype, device=device or self.device)
 
-    def forward(self, input_ids: torch.Tensor, cache: Optional[KVCache] = None, last_only: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: Optional[KVCache] = None, last_only: bool = False,
+                metadata: Optional[AttentionMetadata] = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab). With a cache, row b's tokens sit at positions
         cache.seqlens[b]..+T-1, their K/V are written to the cache and cache.seqlens grows by T in place.
-        last_only=True returns (B, 1, vocab) for the last position only (prefill: skips T-1 lm_head rows)."""
+        last_only=True returns (B, 1, vocab) for the last position only (prefill: skips T-1 lm_head rows).
+        With metadata (an engine step): input_ids (N,) packed tokens -> logits (R, vocab) of the tokens
+        metadata.logits_indices names."""
+        if metadata is not None:
+            return self._forward_paged(input_ids, metadata)
         self._check_inputs(input_ids, cache)
         B, T = input_ids.shape
         offsets = torch.arange(T, device=input_ids.device)
@@ -188,6 +217,16 @@ class Transformer(nn.Module):
         else:
             step.prefill_start = _common_start(cache, T)
             positions = (offsets + step.prefill_start)[None, :]  # (1, T)
+        h, residual = self._layers(input_ids, positions, step)
+        if last_only:
+            h, residual = h[:, -1:], residual[:, -1:]  # (B, 1, dim)
+        x, _ = _add_norm(self.norm, h, residual)
+        if cache is not None:
+            cache.seqlens += T
+        return self.lm_head(x)
+
+    def _layers(self, input_ids, positions, step: _Step):
+        """Embeddings and every block: (B, T) ids at positions (B or 1, T) -> (h, residual), each (B, T, dim)."""
         h = self.tok_emb(input_ids)  # (B, T, dim)
         if self.pos_emb is not None:
             h = h + self.pos_emb(positions)
@@ -196,12 +235,20 @@ class Transformer(nn.Module):
         residual = None
         for layer in self.layers:
             h, residual = layer(h, residual, step)
-        if last_only:
-            h, residual = h[:, -1:], residual[:, -1:]  # (B, 1, dim)
+        return h, residual
+
+    def _forward_paged(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if not isinstance(meta, AttentionMetadata):
+            raise ValueError(f"metadata must be an AttentionMetadata, got {type(meta).__name__}")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1 or input_ids.shape != meta.positions.shape:
+            got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be (N,) = metadata.positions' shape {tuple(meta.positions.shape)}, got {got}")
+        positions = meta.positions[None]  # (1, N): one packed row
+        step = _Step(None, None, None, None, None, None, paged=meta)
+        h, residual = self._layers(input_ids[None], positions, step)  # each (1, N, dim)
+        h, residual = h[0, meta.logits_indices], residual[0, meta.logits_indices]  # (R, dim)
         x, _ = _add_norm(self.norm, h, residual)
-        if cache is not None:
-            cache.seqlens += T
-        return self.lm_head(x)
+        return self.lm_head(x)  # (R, vocab)
 
     def _check_inputs(self, input_ids, cache):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
