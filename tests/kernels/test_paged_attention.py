@@ -6,24 +6,29 @@ import pytest
 import torch
 
 from fastlm.kernels import paged_decode_attention, paged_prefill_attention
+from fastlm.kernels._paged import paged_decode_config
+from fastlm.kernels.attention import decode_splits
 from tests.compare import assert_close_by_rule
 from tests.kernels.test_attention import ATOL, ON_CUDA, attention_plain, poisoned_outputs  # noqa: F401
 
 
-def make_pool(dense, lengths, block_size, extra_columns=1):
-    """Lay dense (B, S, Hkv, D) out as a pool (num_blocks, block_size, Hkv, D) with block tables int32
-    (B, max_blocks): each row's first lengths[b] tokens in randomly placed blocks; free slots NaN."""
+def make_pool(dense, lengths, block_size, tables=None):
+    """Lay dense (B, S, Hkv, D) out as a pool (num_blocks, block_size, Hkv, D) -> (pool, tables): each row's
+    first lengths[b] tokens in randomly placed blocks, tables int32 (B, max_blocks) with junk past the used
+    entries, free slots NaN. With tables given (another tensor's layout), only the pool is new."""
     B, S = dense.shape[:2]
     used = [-(-length // block_size) for length in lengths]
-    n_blocks = sum(used) + 2  # two blocks no row owns
+    if tables is None:
+        tables = torch.randint(-3, 1000, (B, -(-S // block_size) + 1), dtype=torch.int32)  # junk
+        rows = torch.arange(B).repeat_interleave(torch.tensor(used))
+        cols = torch.cat([torch.arange(n) for n in used])
+        tables[rows, cols] = torch.randperm(sum(used) + 2)[: len(rows)].to(torch.int32)  # 2 blocks no row owns
+    n_blocks = sum(used) + 2
     pool = torch.full((n_blocks, block_size) + dense.shape[2:], float("nan"), dtype=dense.dtype)
-    tables = torch.randint(-3, 1000, (B, -(-S // block_size) + extra_columns), dtype=torch.int32)  # junk
-    physical = iter(torch.randperm(n_blocks).tolist())
+    slots = pool.view(n_blocks * block_size, *dense.shape[2:])
     for b, length in enumerate(lengths):
-        for j in range(used[b]):
-            tables[b, j] = block = next(physical)
-            tokens = dense[b, j * block_size: min(length, (j + 1) * block_size)]
-            pool[block, : len(tokens)] = tokens
+        p = torch.arange(length)
+        slots[tables[b, p // block_size].long() * block_size + p % block_size] = dense[b, :length]
     return pool, tables
 
 
@@ -33,19 +38,9 @@ def dense_kv(B, S, Hkv, D, dtype):
 
 def run_decode(q, k, v, lengths, block_size, scale=None):
     k_cache, tables = make_pool(k, lengths, block_size)
-    v_cache = _same_layout(v, k_cache, tables, lengths)
+    v_cache, _ = make_pool(v, lengths, block_size, tables)
     seqlens = torch.tensor(lengths, dtype=torch.int32)
     return paged_decode_attention(q, k_cache, v_cache, tables, seqlens, softmax_scale=scale)
-
-
-def _same_layout(dense, like_pool, tables, lengths):
-    """dense laid out in the blocks of tables (the pool layout of another tensor)."""
-    pool = torch.full_like(like_pool, float("nan"))
-    block_size = pool.shape[1]
-    for b, length in enumerate(lengths):
-        for p in range(length):
-            pool[tables[b, p // block_size], p % block_size] = dense[b, p]
-    return pool
 
 
 def check_decode(case, dtype, block_size, scale=None):
@@ -66,7 +61,7 @@ def check_decode(case, dtype, block_size, scale=None):
 def run_prefill(q, k, v, q_lens, k_lens, block_size, scale=None):
     """q (total_q, Hq, D) packed; k, v dense (B, S, Hkv, D) laid out as a pool."""
     k_cache, tables = make_pool(k, k_lens, block_size)
-    v_cache = _same_layout(v, k_cache, tables, k_lens)
+    v_cache, _ = make_pool(v, k_lens, block_size, tables)
     cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     return paged_prefill_attention(q, k_cache, v_cache, tables, cu, torch.tensor(k_lens, dtype=torch.int32),
                                    softmax_scale=scale)
@@ -219,3 +214,105 @@ def _prefill_args(**changes):
 def test_prefill_bad_inputs(changes, match):
     with pytest.raises(ValueError, match=match):
         paged_prefill_attention(**_prefill_args(**changes))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Triton kernels (the interpreter on CPU; compiled with FASTLM_TEST_DEVICE=cuda)
+
+TRITON_DTYPES = [torch.float32, torch.float16]  # bf16 tl.dot: on a GPU only (below)
+needs_cuda = pytest.mark.skipif(not ON_CUDA, reason="the interpreter cannot do bf16 arithmetic in tl.dot "
+                                                    "(triton#11584)")
+
+
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_decode_triton(case, dtype):
+    check_decode(case, dtype, block_size=16)
+
+
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+@pytest.mark.parametrize("case", PREFILL_CASES + [(2, 1, 32, [130, 5], [140, 5])])  # a row over 2 fp16 tiles
+def test_prefill_triton(case, dtype):
+    check_prefill(case, dtype, block_size=16)
+
+
+def test_decode_triton_block_sizes_agree():
+    """Pages of 16 and 32 tokens (and 1, 3) over the same K/V give the same output."""
+    outs = []
+    for block_size in (16, 32, 1, 3):
+        torch.manual_seed(1)
+        outs.append(check_decode((2, 8, 2, 64, [45, 2]), torch.float16, block_size))
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=1e-3)
+
+
+def test_prefill_triton_block_sizes_agree():
+    outs = []
+    for block_size in (16, 32, 5):
+        torch.manual_seed(1)
+        outs.append(check_prefill((4, 2, 32, [9, 20], [40, 20]), torch.float32, block_size))
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_decode_triton_many_splits():
+    """A long row over many KV chunks (LSE combine), beside a row of length 1 whose other chunks are empty."""
+    n_splits, _ = decode_splits(2, 1, 320, paged_decode_config(32, torch.float32, 4)[1])
+    assert n_splits >= 8
+    check_decode((1, 4, 1, 32, [320, 1]), torch.float32, block_size=16)
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_triton_outputs_fully_written():
+    check_decode((3, 6, 2, 80, [50, 3]), torch.float16, block_size=16)
+    check_prefill((6, 2, 80, [17, 3], [17, 30]), torch.float16, block_size=16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", DECODE_CASES + [(1, 32, 8, 128, [32768, 1, 20000, 4097])])
+def test_decode_bf16_cuda(case):
+    check_decode(case, torch.bfloat16, block_size=16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", PREFILL_CASES + [(32, 8, 128, [2048, 1, 700], [4096, 1, 700])])
+def test_prefill_bf16_cuda(case):
+    check_prefill(case, torch.bfloat16, block_size=16)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Custom ops: fakes and schemas (opcheck), and torch.compile without graph breaks
+
+
+def _small_problem():
+    k, v = dense_kv(2, 20, 2, 32, torch.float32)
+    k_cache, tables = make_pool(k, [20, 5], 4)
+    v_cache, _ = make_pool(v, [20, 5], 4, tables)
+    return k_cache.nan_to_num(), v_cache.nan_to_num(), tables.clamp(0, k_cache.shape[0] - 1)
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])  # on CPU "triton" is the interpreter
+def test_opcheck_paged_ops(path, monkeypatch):
+    if path == "reference":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    k_cache, v_cache, tables = _small_problem()
+    ops = torch.ops.fastlm
+    torch.library.opcheck(ops.paged_decode_attn.default,
+                          (torch.randn(2, 2, 4, 32), k_cache, v_cache, tables, torch.tensor([20, 5], dtype=torch.int32),
+                           0.2))
+    torch.library.opcheck(ops.paged_prefill_attn.default,
+                          (torch.randn(9, 4, 32), k_cache, v_cache, tables, torch.tensor([0, 6, 9], dtype=torch.int32),
+                           torch.tensor([20, 5], dtype=torch.int32), 0.2))
+
+
+def test_compiles_without_graph_breaks(reference_kernels):
+    k_cache, v_cache, tables = _small_problem()
+    seqlens, cu = torch.tensor([20, 5], dtype=torch.int32), torch.tensor([0, 6, 9], dtype=torch.int32)
+
+    def step(q_decode, q_prefill):
+        return (paged_decode_attention(q_decode, k_cache, v_cache, tables, seqlens).sum()
+                + paged_prefill_attention(q_prefill, k_cache, v_cache, tables, cu, seqlens).sum())
+
+    inputs = (torch.randn(2, 1, 4, 32), torch.randn(9, 4, 32))
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*inputs), step(*inputs))
