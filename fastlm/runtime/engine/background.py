@@ -140,8 +140,9 @@ class RequestStream:
     """Iterator over one request's SequenceOutputs (all n samples interleaved), for any thread."""
 
     def __init__(self, loop: EngineLoop, prompt_ids, params: SamplingParams):
-        self._loop, self._queue, self._done = loop, queue.Queue(), False
+        self._loop, self._queue, self._done = loop, queue.Queue(), True  # nothing to abort if submit raises
         self.request_id = loop.submit(prompt_ids, params, self._queue.put)
+        self._done = False
 
     def __iter__(self):
         return self
@@ -174,9 +175,10 @@ class AsyncRequestStream:
     """Async iterator over one request's SequenceOutputs; items cross threads via call_soon_threadsafe."""
 
     def __init__(self, loop: EngineLoop, prompt_ids, params: SamplingParams, event_loop):
-        self._loop, self._queue, self._done = loop, asyncio.Queue(), False
+        self._loop, self._queue, self._done = loop, asyncio.Queue(), True  # nothing to abort if submit raises
         self.request_id = loop.submit(prompt_ids, params,
                                       lambda item: event_loop.call_soon_threadsafe(self._queue.put_nowait, item))
+        self._done = False
 
     def __aiter__(self):
         return self

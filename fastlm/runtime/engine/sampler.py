@@ -66,7 +66,7 @@ def _adjusted(logits, seqs, eos_ids) -> torch.Tensor:
     rows = [r for r, s in enumerate(seqs) if _needs_adjusting(s)]
     if not rows:
         return logits
-    scores = logits.float()
+    scores = logits.to(torch.float32, copy=True)  # the raw logits stay as they are (logprobs)
     for r in rows:
         seq, p = seqs[r], seqs[r].params
         if p.presence_penalty or p.frequency_penalty:
