@@ -171,3 +171,23 @@ def test_seeded_requests_sample_the_same_in_any_batch(llms, make_engine, referen
         rid = alone.add_request(PROMPTS[i], params)
         assert run_to_end(alone)[rid] == results[rids[i]]
     assert results[rids[0]] != results[rids[3]]
+
+
+def test_mixed_steps_on_the_interpreter_kernels(llms, make_engine):
+    """No reference_kernels fixture: the paged Triton kernels run under TRITON_INTERPRET=1, on prefill
+    chunks over a cached prefix and on a step that packs a decode row with a prefill."""
+    llm = llms["gpt2"]
+    prompts = [list(range(5, 25)), [40, 41, 42]]
+    expected = static_path(llm, prompts, 3)
+    engine = make_engine(llm, max_num_batched_tokens=8)  # the first prompt is prefilled in chunks of 8, 8, 4
+    params = SamplingParams(max_new_tokens=3, temperature=0)
+    rids = [engine.add_request(prompts[0], params)]
+    shapes, run = [], engine.runner.run
+    engine.runner.run = lambda step: (shapes.append((len(step.decodes), len(step.prefills))), run(step))[1]
+
+    def add_second(step):
+        if step == 3:  # the first request decodes now: this step mixes its decode with the new prefill
+            rids.append(engine.add_request(prompts[1], params))
+    results = run_to_end(engine, on_step=add_second)
+    assert [results[r][0] for r in rids] == expected
+    assert shapes[:4] == [(0, 1), (0, 1), (0, 1), (1, 1)]
