@@ -28,9 +28,11 @@ from benchmarks.common import measure_copy_bandwidth, measure_matmul_flops  # no
 BENCHMARKS = {
     "bench_norms": [],
     "bench_attention": [],
+    "bench_paged_attention": ["--quick"],
     "bench_generate": [],
 }
-BUDGET_S = {"tests": 240, "bench_norms": 80, "bench_attention": 100, "bench_generate": 120}
+BUDGET_S = {"tests": 240, "bench_norms": 80, "bench_attention": 100, "bench_paged_attention": 60,
+            "bench_generate": 120}
 
 
 def environment(device: str) -> dict:

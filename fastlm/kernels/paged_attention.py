@@ -15,10 +15,11 @@ blocks are ignored (any value). Hq is a multiple of Hkv (GQA / MQA).
 fp32 / fp16 / bf16, D <= 256, any block_size >= 1, softmax in fp32. Inference only (no gradient
 through the Triton path). Dispatch (fastlm.kernels._utils.use_triton): CUDA -> the Triton kernels of
 _paged.py (split-KV decode with an LSE combine; flash-attention prefill reading K/V through the block
-table); CPU -> the references below (gather the used blocks with index_select, then torch SDPA in fp32),
-or the Triton kernels under TRITON_INTERPRET=1.
+table); CPU -> the references below (gather the rows' tokens with index_select into per-thread scratch buffers,
+then torch SDPA in fp32), or the Triton kernels under TRITON_INTERPRET=1.
 """
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -35,18 +36,46 @@ from fastlm.kernels.attention import MAX_DECODE_QUERIES, MAX_HEAD_DIM, _block_d,
 # PyTorch references (fp32 compute; the CPU path)
 
 
-def _gather_blocks(cache, block_tables, lengths, n_blocks):
-    """(B, n_blocks * block_size, Hkv, D) fp32: the first n_blocks blocks of each row, in order, zero past
-    each row's length. Table entries past a row's length may hold any value: they read block 0."""
+WORKSPACE_MAX_ELEMENTS = 1 << 23  # per scratch buffer (32 MB in fp32; at most 4 per thread); larger: per call
+_workspace = threading.local()
+
+
+def _scratch(name, shape, dtype, device):
+    """A per-thread CPU buffer reused across calls: a fresh multi-MB tensor page-faults on every call
+    (glibc hands it back to the OS on free), which cost ~10x the attention itself in a CPU decode step."""
+    numel = math.prod(shape)
+    if numel > WORKSPACE_MAX_ELEMENTS or device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    buffers = _workspace.__dict__.setdefault("buffers", {})
+    buf = buffers.get((name, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = buffers[(name, dtype)] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(shape)
+
+
+def _gather_tokens(name, cache, block_tables, lengths, n_tokens, reuse):
+    """(B, n_tokens, Hkv, D) fp32: token p of each row for p < n_tokens, in order; with reuse, in a scratch
+    buffer valid until the next call on this thread. Slots past a row's length repeat its token 0 (finite:
+    free pool slots and table entries past the used blocks may hold anything; the caller masks them)."""
     B = block_tables.shape[0]
     block_size = cache.shape[1]
-    table = block_tables[:, :n_blocks].long()
-    used = torch.arange(n_blocks, device=table.device) * block_size < lengths[:, None]  # (B, n_blocks)
-    table = table.masked_fill(~used, 0)
-    blocks = cache.index_select(0, table.flatten())  # (B * n_blocks, block_size, Hkv, D)
-    kv = blocks.view(B, n_blocks * block_size, *cache.shape[2:]).float()  # a fresh tensor: fill in place
-    valid = torch.arange(kv.shape[1], device=kv.device) < lengths[:, None]  # (B, n_blocks * block_size)
-    return kv.masked_fill_(~valid[..., None, None], 0.0)  # free slots may hold NaN: 0 * NaN would leak
+    p = torch.arange(n_tokens, device=block_tables.device)
+    p = p.expand(B, n_tokens).masked_fill(p >= lengths[:, None], 0)  # (B, n_tokens)
+    slots = (block_tables.gather(1, p // block_size).long() * block_size + p % block_size).flatten()
+    tokens = cache.view(-1, *cache.shape[2:]) if cache.is_contiguous() else cache.flatten(0, 1)
+    if reuse:
+        shape = (B * n_tokens,) + cache.shape[2:]
+        gathered = torch.index_select(tokens, 0, slots, out=_scratch(name, shape, cache.dtype, cache.device))
+        if cache.dtype != torch.float32:
+            gathered = _scratch(name + "32", shape, torch.float32, cache.device).copy_(gathered)
+    else:  # autograd records the gather (index_select's out= variant has no derivative)
+        gathered = tokens.index_select(0, slots).float()
+    return gathered.view(B, n_tokens, *cache.shape[2:])
+
+
+def _reuse_scratch(*tensors):
+    """Scratch buffers must not be saved for a backward: reuse them only without autograd."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def _sdpa_fp32(q, k, v, scale, mask=None, causal=False):
@@ -58,39 +87,38 @@ def _sdpa_fp32(q, k, v, scale, mask=None, causal=False):
 
 def paged_decode_ref(q, k_cache, v_cache, block_tables, seqlens, softmax_scale=None):
     """The reference of paged_decode_attention (arguments as there, not validated): one index_select per
-    cache over the used blocks of every row, then one batched SDPA with the ragged causal mask."""
+    cache over the tokens of every row, then one batched SDPA with the ragged causal mask."""
     B, Sq, Hq, D = q.shape
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
-    block_size = k_cache.shape[1]
     lengths = seqlens.to(device=q.device, dtype=torch.long)
-    on_cpu = q.device.type == "cpu"  # reading lengths syncs: only on CPU, else every table column
-    n_blocks = -(-int(lengths.max()) // block_size) if on_cpu else block_tables.shape[1]
-    k = _gather_blocks(k_cache, block_tables, lengths, n_blocks)  # (B, n_blocks * block_size, Hkv, D)
-    v = _gather_blocks(v_cache, block_tables, lengths, n_blocks)
-    if on_cpu and Sq == 1 and bool((lengths == lengths[0]).all()):  # one length: no mask (faster kernels)
-        n = int(lengths[0])
-        return _sdpa_fp32(q.float(), k[:, :n], v[:, :n], scale).to(q.dtype)
+    on_cpu = q.device.type == "cpu"  # reading lengths syncs: only on CPU, else every table slot
+    n_tokens = int(lengths.max()) if on_cpu else block_tables.shape[1] * k_cache.shape[1]
+    reuse = _reuse_scratch(q, k_cache, v_cache)
+    k = _gather_tokens("k", k_cache, block_tables, lengths, n_tokens, reuse)  # (B, n_tokens, Hkv, D)
+    v = _gather_tokens("v", v_cache, block_tables, lengths, n_tokens, reuse)
+    if on_cpu and Sq == 1 and bool((lengths == n_tokens).all()):  # one length: no mask (faster kernels)
+        return _sdpa_fp32(q.float(), k, v, scale).to(q.dtype)
     positions = lengths[:, None] - Sq + torch.arange(Sq, device=q.device)  # (B, Sq), < lengths
-    visible = torch.arange(k.shape[1], device=q.device) <= positions[..., None]  # (B, Sq, Sk)
+    visible = torch.arange(n_tokens, device=q.device) <= positions[..., None]  # (B, Sq, Sk)
     return _sdpa_fp32(q.float(), k, v, scale, mask=visible[:, None]).to(q.dtype)
 
 
 def paged_prefill_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seqlens_k, softmax_scale=None):
     """The reference of paged_prefill_attention (arguments as there, not validated): per row, gather its
-    blocks and run SDPA with the bottom-right causal mask (prefill is compute-bound: the loop over rows
+    tokens and run SDPA with the bottom-right causal mask (prefill is compute-bound: the loop over rows
     costs little next to it)."""
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
-    block_size = k_cache.shape[1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    cu, lengths = cu_seqlens_q.tolist(), seqlens_k.tolist()
-    for b, length in enumerate(lengths):
+    reuse = _reuse_scratch(q, k_cache, v_cache)
+    cu = cu_seqlens_q.tolist()
+    for b, length in enumerate(seqlens_k.tolist()):
         start, end = cu[b], cu[b + 1]
         if end == start:
             continue
-        table = block_tables[b, : -(-length // block_size)].long()
-        k = k_cache.index_select(0, table).flatten(0, 1)[None, :length].float()  # (1, Sk, Hkv, D)
-        v = v_cache.index_select(0, table).flatten(0, 1)[None, :length].float()
+        lengths = seqlens_k[b: b + 1].long()
+        k = _gather_tokens("k", k_cache, block_tables[b: b + 1], lengths, length, reuse)  # (1, Sk, Hkv, D)
+        v = _gather_tokens("v", v_cache, block_tables[b: b + 1], lengths, length, reuse)
         out[start:end] = _causal_fp32(q[None, start:end].float(), k, v, scale)[0].to(q.dtype)
     return out
 

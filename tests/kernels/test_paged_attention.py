@@ -148,6 +148,25 @@ def test_reference_softmax_scale(reference_kernels):
     check_prefill((4, 2, 32, [5, 2], [9, 2]), torch.float32, 4, scale=0.3)
 
 
+def test_reference_scratch_is_not_saved_for_backward(reference_kernels):
+    """The CPU reference reuses gather buffers across calls, except under autograd: a second call before
+    the first backward must not change the first gradient."""
+    lengths, D = [9, 30], 32
+    k, v = dense_kv(2, 30, 2, D, torch.float32)
+    k_cache, tables = make_pool(k, lengths, 4)
+    v_cache, _ = make_pool(v, lengths, 4, tables)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    q = torch.randn(2, 1, 4, D, requires_grad=True)
+    out = paged_decode_attention(q, k_cache, v_cache, tables, seqlens)
+    paged_decode_attention(torch.randn(2, 1, 4, D), k_cache.flip(0), v_cache.flip(0), tables, seqlens)
+    (dq,) = torch.autograd.grad(out.sum(), q)
+    q64 = q.detach().double().requires_grad_()
+    positions = seqlens[:, None].long() - 1
+    ref = attention_plain(q64, k.double(), v.double(), True, q_positions=positions, k_lengths=seqlens)
+    (dq64,) = torch.autograd.grad(ref.sum(), q64)
+    torch.testing.assert_close(dq, dq64.float(), rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Validation
 
