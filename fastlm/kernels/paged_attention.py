@@ -201,15 +201,23 @@ def _can_read_values(q):
     return not (torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
-def _check_tables(block_tables, lengths, k_cache):
-    """Every block a row uses (the first ceil(length / block_size) entries) is in [0, num_blocks)."""
+def _bad_table_entries(block_tables, lengths, k_cache):
+    """Boolean (B, max_blocks): entries a row uses (the first ceil(length / block_size)) that are not in
+    [0, num_blocks)."""
     n_blocks, block_size = k_cache.shape[:2]
     used = torch.arange(block_tables.shape[1], device=lengths.device) * block_size < lengths[:, None].long()
-    bad = used & ((block_tables < 0) | (block_tables >= n_blocks))
-    if bool(bad.any()):
-        row, col = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"block_tables[{row}, {col}] = {int(block_tables[row, col])} is not a block of the pool "
-                         f"(num_blocks={n_blocks})")
+    return used & ((block_tables < 0) | (block_tables >= n_blocks))
+
+
+def _check_values(bad_lengths, lengths_error, bad_tables, block_tables, k_cache):
+    """One host sync for every value check; the messages are built only on failure."""
+    if not bool(bad_lengths | bad_tables.any()):
+        return
+    if bool(bad_lengths):
+        raise ValueError(lengths_error())
+    row, col = (int(i) for i in bad_tables.nonzero()[0])
+    raise ValueError(f"block_tables[{row}, {col}] = {int(block_tables[row, col])} is not a block of the pool "
+                     f"(num_blocks={k_cache.shape[0]})")
 
 
 def _check_decode(q, k_cache, v_cache, block_tables, seqlens):
@@ -226,10 +234,10 @@ def _check_decode(q, k_cache, v_cache, block_tables, seqlens):
     if not _can_read_values(q):
         return
     capacity = block_tables.shape[1] * k_cache.shape[1]
-    if bool(((seqlens < Sq) | (seqlens > capacity)).any()):
-        raise ValueError(f"seqlens must be in [Sq={Sq}, max_blocks * block_size={capacity}] (the new tokens are "
-                         f"counted), got {seqlens.tolist()}")
-    _check_tables(block_tables, seqlens, k_cache)
+    _check_values(((seqlens < Sq) | (seqlens > capacity)).any(),
+                  lambda: f"seqlens must be in [Sq={Sq}, max_blocks * block_size={capacity}] (the new tokens are "
+                          f"counted), got {seqlens.tolist()}",
+                  _bad_table_entries(block_tables, seqlens, k_cache), block_tables, k_cache)
 
 
 def _check_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seqlens_k):
@@ -246,13 +254,18 @@ def _check_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seqlens_k):
     if not _can_read_values(q):
         return
     q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-    if int(cu_seqlens_q[0]) != 0 or int(cu_seqlens_q[-1]) != q.shape[0] or bool((q_lens < 0).any()):
-        raise ValueError(f"cu_seqlens_q must rise from 0 to total_q={q.shape[0]}, got {cu_seqlens_q.tolist()}")
+    bad_cu = (cu_seqlens_q[0] != 0) | (cu_seqlens_q[-1] != q.shape[0]) | (q_lens < 0).any()
     capacity = block_tables.shape[1] * k_cache.shape[1]
-    if bool(((seqlens_k < q_lens) | (seqlens_k > capacity)).any()):
-        raise ValueError(f"seqlens_k must be in [q_len, max_blocks * block_size={capacity}] per row, got "
-                         f"{seqlens_k.tolist()} for query lengths {q_lens.tolist()}")
-    _check_tables(block_tables, seqlens_k, k_cache)
+    bad_k = ((seqlens_k < q_lens) | (seqlens_k > capacity)).any()
+
+    def lengths_error():
+        if bool(bad_cu):
+            return f"cu_seqlens_q must rise from 0 to total_q={q.shape[0]}, got {cu_seqlens_q.tolist()}"
+        return (f"seqlens_k must be in [q_len, max_blocks * block_size={capacity}] per row, got "
+                f"{seqlens_k.tolist()} for query lengths {q_lens.tolist()}")
+
+    _check_values(bad_cu | bad_k, lengths_error, _bad_table_entries(block_tables, seqlens_k, k_cache), block_tables,
+                  k_cache)
 
 
 # ---------------------------------------------------------------------------------------------------

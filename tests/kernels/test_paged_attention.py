@@ -95,13 +95,13 @@ DECODE_CASES = [
     (1, 4, 1, 32, [1, 40, 17]),
     (1, 8, 2, 80, [33, 33]),
     (4, 8, 1, 64, [4, 29]),
-    (8, 16, 2, 128, [70, 8, 9]),
+    (8, 16, 2, 128, [35, 8, 9]),
     (3, 6, 6, 40, [5, 21]),
 ]
-# (Hq, Hkv, D, q_lens, k_lens): whole prompts (q_len == k_len), chunks over a cached prefix, one
-# query, an empty row
+# (Hq, Hkv, D, q_lens, k_lens): whole prompts (q_len == k_len, including 1), chunks over a cached prefix,
+# one query, an empty row
 PREFILL_CASES = [
-    (4, 1, 32, [7, 1, 13], [7, 30, 40]),
+    (4, 1, 32, [7, 1, 13, 1], [7, 30, 40, 1]),
     (8, 2, 80, [20, 0, 5], [20, 3, 37]),
     (2, 2, 64, [33], [33]),
     (8, 1, 128, [3, 16], [19, 16]),
@@ -148,6 +148,7 @@ def test_reference_softmax_scale(reference_kernels):
     check_prefill((4, 2, 32, [5, 2], [9, 2]), torch.float32, 4, scale=0.3)
 
 
+@pytest.mark.skipif(ON_CUDA, reason="the CPU reference's scratch buffers (CUDA runs the kernels, no autograd)")
 def test_reference_scratch_is_not_saved_for_backward(reference_kernels):
     """The CPU reference reuses gather buffers across calls, except under autograd: a second call before
     the first backward must not change the first gradient."""
