@@ -3,6 +3,7 @@ that runs requests to completion."""
 from typing import Dict, List
 
 import pytest
+import torch
 
 from fastlm.runtime.engine import Engine
 from fastlm.runtime.sampling import SamplingParams
@@ -58,3 +59,19 @@ def generate(engine: Engine, prompts, params=GREEDY) -> List[List[int]]:
     rids = [engine.add_request(p, params) for p in prompts]
     results = run_to_end(engine)
     return [results[r][0] for r in rids]
+
+
+@torch.no_grad()
+def reference_greedy(llm, prompts, max_new_tokens: int = 24) -> List[List[int]]:
+    """Greedy continuations by whole-sequence forwards (no KV cache at all): the engine's oracle. Stops
+    at eos (not returned), after max_new_tokens or at the context."""
+    model, eos, results = llm.model, set(llm.eos_token_ids), []
+    for prompt in prompts:
+        ids = list(prompt)
+        while len(ids) - len(prompt) < max_new_tokens and len(ids) < model.config.max_seq_len:
+            token = int(model(torch.tensor([ids], device=model.device), last_only=True)[0, -1].argmax())
+            if token in eos:
+                break
+            ids.append(token)
+        results.append(ids[len(prompt):])
+    return results

@@ -1,17 +1,13 @@
 """The engine end to end on tiny checkpoints (reference kernels): every request's greedy output equals
-its output alone and the static generate path's, under every scheduling condition."""
+its output alone and the greedy continuation computed by whole-sequence forwards (no KV cache), under
+every scheduling condition."""
 import pytest
 import torch
 
 from fastlm.runtime.sampling import SamplingParams
 from tests.runtime.conftest import NAMES
-from tests.runtime.engine_util import GREEDY, PROMPTS, assert_all_free, generate, make_engine, run_to_end  # noqa: F401
-
-SMALL_POOL = dict(block_size=4, kv_cache_memory=None)  # kv_cache_memory set per model: 20 blocks
-
-
-def static_path(llm, prompts, max_new_tokens=24):
-    return llm.generate_tokens(prompts, max_new_tokens=max_new_tokens, temperature=0)
+from tests.runtime.engine_util import (GREEDY, PROMPTS, generate, make_engine, reference_greedy,  # noqa: F401
+                                       run_to_end)
 
 
 def pool_bytes(llm, blocks, block_size):
@@ -20,9 +16,9 @@ def pool_bytes(llm, blocks, block_size):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_each_request_equals_its_output_alone_and_the_static_path(name, llms, make_engine, reference_kernels):
+def test_each_request_equals_its_output_alone_and_the_reference(name, llms, make_engine, reference_kernels):
     llm = llms[name]
-    expected = static_path(llm, PROMPTS)
+    expected = reference_greedy(llm, PROMPTS)
     assert any(len(e) >= 12 and len(set(e)) > 3 for e in expected)  # the comparison has substance
     engine = make_engine(llm)
     assert generate(engine, PROMPTS) == expected
@@ -39,7 +35,7 @@ def test_each_request_equals_its_output_alone_and_the_static_path(name, llms, ma
 def test_scheduling_options_keep_every_output(options, llms, make_engine, reference_kernels):
     llm = llms["llama_gqa"]
     engine = make_engine(llm, **options)
-    assert generate(engine, PROMPTS) == static_path(llm, PROMPTS)
+    assert generate(engine, PROMPTS) == reference_greedy(llm, PROMPTS)
 
 
 def test_chunked_prefill_really_chunks(llms, make_engine, reference_kernels):
@@ -64,7 +60,7 @@ def test_a_pool_too_small_for_all_preempts_and_still_gives_every_output(name, ll
     llm = llms[name]
     engine = make_engine(llm, block_size=4, kv_cache_memory=pool_bytes(llm, 20, 4))
     assert engine.stats()["kv_blocks_total"] == 20  # 80 tokens for 6 requests of up to 45 + 24
-    assert generate(engine, PROMPTS) == static_path(llm, PROMPTS)
+    assert generate(engine, PROMPTS) == reference_greedy(llm, PROMPTS)
     assert engine.stats()["preemptions"] > 0
 
 
@@ -78,14 +74,14 @@ def test_preemption_takes_the_newest_request(llms, make_engine, reference_kernel
     engine.scheduler.preempt = lambda seq: (preempted.append(seq.request_id), original(seq))
     results = run_to_end(engine)
     assert preempted and set(preempted) == {second}
-    assert [results[first][0], results[second][0]] == static_path(llm, [[5, 6, 7], [40, 41, 42]], 16)
+    assert [results[first][0], results[second][0]] == reference_greedy(llm, [[5, 6, 7], [40, 41, 42]], 16)
 
 
 def test_prefix_cache_hit_on_a_shared_system_prompt(llms, make_engine, reference_kernels):
     llm = llms["llama_gqa"]
     system = list(range(10, 50))  # 40 tokens: two full blocks of 16 and a partial one
     prompts = [system + [60 + i, 61 + i] for i in range(3)]
-    expected = static_path(llm, prompts, 8)
+    expected = reference_greedy(llm, prompts, 8)
     engine = make_engine(llm)
     params = SamplingParams(max_new_tokens=8, temperature=0)
     got = [generate(engine, [p], params)[0] for p in prompts]  # one after another: the first fills the cache
@@ -101,7 +97,7 @@ def test_full_prefix_hit_still_computes_the_last_token(llms, make_engine, refere
     prompt = list(range(10, 42))  # exactly two blocks: the second is recomputed, not reused
     engine = make_engine(llm)
     first = generate(engine, [prompt])
-    assert generate(engine, [prompt]) == first == static_path(llm, [prompt])
+    assert generate(engine, [prompt]) == first == reference_greedy(llm, [prompt])
     assert engine.stats()["prefix_cache_hit_tokens"] == 16
 
 
@@ -124,12 +120,12 @@ def test_n_greedy_samples_are_identical(llms, make_engine, reference_kernels):
     llm = llms["gpt2"]
     engine = make_engine(llm)
     rid = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=24, temperature=0, n=3))
-    assert run_to_end(engine)[rid] == static_path(llm, PROMPTS[:1]) * 3
+    assert run_to_end(engine)[rid] == reference_greedy(llm, PROMPTS[:1]) * 3
 
 
 def test_aborts_mid_way_free_blocks_and_leave_the_others_intact(llms, make_engine, reference_kernels):
     llm = llms["llama_gqa"]
-    expected = static_path(llm, PROMPTS)
+    expected = reference_greedy(llm, PROMPTS)
     engine = make_engine(llm, max_num_seqs=3)
     rids = [engine.add_request(p, GREEDY) for p in PROMPTS]
 
@@ -154,7 +150,7 @@ def test_requests_added_while_others_run(llms, make_engine, reference_kernels):
             i = (0, 4, 9).index(step)
             rids[i] = engine.add_request(PROMPTS[i + 2], GREEDY)
     results = run_to_end(engine, on_step=add_late)
-    assert [results[rids[i]][0] for i in range(3)] == static_path(llm, PROMPTS[2:5])
+    assert [results[rids[i]][0] for i in range(3)] == reference_greedy(llm, PROMPTS[2:5])
 
 
 def test_seeded_requests_sample_the_same_in_any_batch(llms, make_engine, reference_kernels):
@@ -178,7 +174,7 @@ def test_mixed_steps_on_the_interpreter_kernels(llms, make_engine):
     chunks over a cached prefix and on a step that packs a decode row with a prefill."""
     llm = llms["gpt2"]
     prompts = [list(range(5, 25)), [40, 41, 42]]
-    expected = static_path(llm, prompts, 3)
+    expected = reference_greedy(llm, prompts, 3)
     engine = make_engine(llm, max_num_batched_tokens=8)  # the first prompt is prefilled in chunks of 8, 8, 4
     params = SamplingParams(max_new_tokens=3, temperature=0)
     rids = [engine.add_request(prompts[0], params)]

@@ -6,7 +6,7 @@ import pytest
 
 from fastlm.runtime.engine.background import EngineLoop
 from fastlm.runtime.sampling import SamplingParams
-from tests.runtime.engine_util import GREEDY, PROMPTS, assert_all_free, make_engine  # noqa: F401
+from tests.runtime.engine_util import GREEDY, PROMPTS, assert_all_free, make_engine, reference_greedy  # noqa: F401
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def collect(stream):
 
 def test_threads_sharing_one_loop_each_get_their_own_output(llms, loop_on, reference_kernels):
     llm = llms["llama_gqa"]
-    expected = llm.generate_tokens(PROMPTS, max_new_tokens=24, temperature=0)
+    expected = reference_greedy(llm, PROMPTS)
     loop = loop_on(llm)
     results = [None] * len(PROMPTS)
 
@@ -51,7 +51,7 @@ def test_threads_sharing_one_loop_each_get_their_own_output(llms, loop_on, refer
 
 def test_asyncio_consumers_get_their_tokens_through_the_event_loop(llms, loop_on, reference_kernels):
     llm = llms["gpt2"]
-    expected = llm.generate_tokens(PROMPTS[:3], max_new_tokens=24, temperature=0)
+    expected = reference_greedy(llm, PROMPTS[:3])
     loop = loop_on(llm)
 
     async def one(prompt):
@@ -93,8 +93,7 @@ def test_a_failing_step_reaches_the_consumer_and_the_loop_goes_on(llms, loop_on,
     monkeypatch.setattr(loop.engine.runner, "run", fail_once)
     with pytest.raises(RuntimeError, match="device lost"):
         collect(loop.stream(PROMPTS[0], GREEDY))
-    assert collect(loop.stream(PROMPTS[0], GREEDY))[0][0] == llm.generate_tokens(PROMPTS[:1], max_new_tokens=24,
-                                                                                 temperature=0)[0]
+    assert collect(loop.stream(PROMPTS[0], GREEDY))[0][0] == reference_greedy(llm, PROMPTS[:1])[0]
 
 
 def test_invalid_requests_fail_on_the_callers_thread(llms, loop_on):

@@ -20,12 +20,14 @@ from typing import Dict, List, Optional, Sequence as Seq
 
 import torch
 
+from fastlm.runtime.cuda_graph import DecodeGraphs
 from fastlm.runtime.engine.block_manager import BlockManager
 from fastlm.runtime.engine.kv_pool import KVPool
 from fastlm.runtime.engine.model_runner import ModelRunner
 from fastlm.runtime.engine.sampler import TokenLogprobs, sample_rows
 from fastlm.runtime.engine.scheduler import Scheduler
-from fastlm.runtime.engine.sequence import Sequence, Status
+from fastlm.runtime.engine.sequence import Sequence
+from fastlm.runtime.prompts import check_prompt_ids
 from fastlm.runtime.sampling import SamplingParams, make_generator
 from fastlm.runtime.text import SequenceText
 
@@ -52,7 +54,14 @@ class Engine:
 
     def __init__(self, model, eos_token_ids: Seq[int] = (), tokenizer=None, *, block_size: int = 16,
                  kv_cache_memory: Optional[int] = None, gpu_memory_utilization: float = 0.9,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True):
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 1024, enable_prefix_caching: bool = True,
+                 cuda_graphs: bool = True, vocab_size: Optional[int] = None):
+        """model: a fastlm Transformer; eos_token_ids end sequences; tokenizer (optional) gives text
+        pieces and stop strings. KV pool: kv_cache_memory bytes (default: see kv_pool.py) in blocks of
+        block_size tokens. Each step computes at most max_num_batched_tokens tokens of at most
+        max_num_seqs running sequences. cuda_graphs: pure-decode steps on a GPU replay CUDA graphs
+        (cuda_graph.py). vocab_size: ids from it up are never sampled (a vocabulary padded
+        beyond the tokenizer's; default: the model's)."""
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -63,10 +72,14 @@ class Engine:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         self.model, self.tokenizer = model, tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
+        self.vocab_size = vocab_size if vocab_size is not None and vocab_size < model.config.vocab_size else None
         self.pool = KVPool(model, block_size, kv_cache_memory, max_num_seqs, gpu_memory_utilization)
         self.blocks = BlockManager(self.pool.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.pool)
+        graphs = None
+        if cuda_graphs and self.pool.k.is_cuda:
+            graphs = DecodeGraphs(model, self.pool, max_num_seqs, self.blocks.blocks_for(model.config.max_seq_len))
+        self.runner = ModelRunner(model, self.pool, graphs)
         self.requests: Dict[int, _Request] = {}
         self._ids, self._arrivals = itertools.count(), itertools.count()
         self._pending_copies = []  # (src, dst) blocks of forks, copied before the next forward
@@ -88,8 +101,6 @@ class Engine:
     def check_request(self, prompt_ids, params: SamplingParams) -> List[int]:
         """The prompt as a list of ids, if the request can run; ValueError naming the problem otherwise.
         Reads only constants: safe from any thread."""
-        from fastlm.runtime.generate import check_prompt_ids
-
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a fastlm.SamplingParams, got {type(params).__name__}")
         if params.stop and self.tokenizer is None:
@@ -137,7 +148,11 @@ class Engine:
             seq.num_computed_tokens += span
             self.blocks.register_full_blocks(seq, seq.num_computed_tokens - span)
         rows, seqs = self._with_forks(sampled)
-        tokens, logprobs = sample_rows(logits[rows] if len(rows) != len(sampled) else logits, seqs, self.eos_token_ids)
+        if len(rows) != len(sampled):
+            logits = logits[rows]
+        if self.vocab_size is not None:
+            logits = logits[:, :self.vocab_size]
+        tokens, logprobs = sample_rows(logits, seqs, self.eos_token_ids)
         return [self._append(seq, token, lp) for seq, token, lp in zip(seqs, tokens, logprobs)]
 
     def _with_forks(self, sampled: List[Sequence]):

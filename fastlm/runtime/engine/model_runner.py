@@ -4,25 +4,35 @@ Token layout of a step (fastlm.model.attention_metadata): the decode rows first,
 the prefill chunks back to back. A span that reaches its sequence's last token yields logits (the next
 token is sampled from them); a chunk that stops earlier only fills the KV pool.
 """
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 from fastlm.model.attention_metadata import AttentionMetadata
+from fastlm.runtime.cuda_graph import DecodeGraphs
 from fastlm.runtime.engine.kv_pool import KVPool
 from fastlm.runtime.engine.scheduler import ScheduledStep
 from fastlm.runtime.engine.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model, pool: KVPool):
-        self.model, self.pool = model, pool
+    """graphs: a cuda_graph.DecodeGraphs that pure-decode steps run through (None: always eager)."""
+
+    def __init__(self, model, pool: KVPool, graphs: Optional[DecodeGraphs] = None):
+        self.model, self.pool, self.graphs = model, pool, graphs
 
     @torch.inference_mode()
     def run(self, step: ScheduledStep) -> Tuple[torch.Tensor, List[Sequence]]:
         """-> (logits (R, V), the R sequences they belong to, in that order)."""
         input_ids, meta, sampled = self.prepare(step)
+        if self._graphable(step, sampled):
+            return self.graphs.run(input_ids, meta), sampled
         return self.model(input_ids, metadata=meta), sampled
+
+    def _graphable(self, step: ScheduledStep, sampled) -> bool:
+        """Only decodes, each sampling (a one-token prefill chunk that does not is a decode row too)."""
+        return (self.graphs is not None and not step.prefills and len(sampled) == len(step.decodes)
+                and self.graphs.bucket_for(len(step.decodes)) is not None)
 
     def prepare(self, step: ScheduledStep):
         """(input_ids (N,), AttentionMetadata, sequences that sample) for a step."""
