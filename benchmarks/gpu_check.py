@@ -30,9 +30,10 @@ BENCHMARKS = {
     "bench_attention": [],
     "bench_paged_attention": ["--quick"],
     "bench_generate": [],
+    "bench_throughput": ["--requests", "64"],
 }
 BUDGET_S = {"tests": 240, "bench_norms": 80, "bench_attention": 100, "bench_paged_attention": 60,
-            "bench_generate": 120}
+            "bench_generate": 120, "bench_throughput": 150}
 
 
 def environment(device: str) -> dict:

@@ -69,8 +69,9 @@ def sampling_params(params: Optional[SamplingParams], options: dict) -> Sampling
 
 
 class LLM:
-    """A checkpoint loaded for generation: `model` (fastlm.model.Transformer), `tokenizer` and `engine`
-    (fastlm.Engine). Engine options (block_size, kv_cache_memory, gpu_memory_utilization, max_num_seqs,
+    """A checkpoint loaded for generation: `model` (fastlm.model.Transformer), `tokenizer`, `engine`
+    (fastlm.Engine) and `engine_loop` (the background thread that steps it; submit through it from
+    threads or asyncio, see fastlm.runtime.engine.background). Engine options (block_size, kv_cache_memory, gpu_memory_utilization, max_num_seqs,
     max_num_batched_tokens, enable_prefix_caching, cuda_graphs) pass through as keywords."""
 
     def __init__(self, model: Optional[Union[str, Path]] = None, dtype=None, device=None, **engine_options):
@@ -90,7 +91,7 @@ class LLM:
         # a vocabulary padded beyond the tokenizer's: the padding ids are never sampled
         sample_vocab = self.tokenizer.vocab_size if self.tokenizer else None
         self.engine = Engine(self.model, eos, self.tokenizer, vocab_size=sample_vocab, **engine_options)
-        self._loop = EngineLoop(self.engine)
+        self.engine_loop = EngineLoop(self.engine)
 
     @property
     def device(self) -> torch.device:
@@ -132,7 +133,7 @@ class LLM:
             raise ValueError(f"prompt must be a string for stream(), got {type(prompt).__name__}")
         if params.n != 1:
             raise ValueError(f"stream() yields one sample: n must be 1, got {params.n} (use generate)")
-        request = self._loop.stream(self._encode(check_text_prompts(prompt))[0], params)
+        request = self.engine_loop.stream(self._encode(check_text_prompts(prompt))[0], params)
         return _text_pieces(request)
 
     def generate_tokens(self, prompts: Sequence[Sequence[int]], params: Optional[SamplingParams] = None, *,
@@ -150,13 +151,13 @@ class LLM:
 
     def close(self) -> None:
         """Stop the engine's background thread (it also ends with the process)."""
-        self._loop.shutdown()
+        self.engine_loop.shutdown()
 
     def _complete(self, prompts: List[List[int]], params: SamplingParams) -> List[List[Completion]]:
         """Submit every prompt at once (they run together), then collect each one's n Completions."""
         for p in prompts:  # all checked before any runs
             self.engine.check_request(p, params)
-        requests = [self._loop.stream(p, params) for p in prompts]
+        requests = [self.engine_loop.stream(p, params) for p in prompts]
         results = []
         for request in requests:
             samples = [Completion("", [], logprobs=[] if params.logprobs is not None else None)

@@ -136,26 +136,21 @@ class EngineLoop:
         self._remaining.pop(rid, None)
 
 
-class RequestStream:
-    """Iterator over one request's SequenceOutputs (all n samples interleaved), for any thread."""
+class _Stream:
+    """One request's outputs arriving in a queue; close() aborts the request if it still runs."""
 
-    def __init__(self, loop: EngineLoop, prompt_ids, params: SamplingParams):
-        self._loop, self._queue, self._done = loop, queue.Queue(), True  # nothing to abort if submit raises
-        self.request_id = loop.submit(prompt_ids, params, self._queue.put)
+    def __init__(self, loop: EngineLoop, prompt_ids, params: SamplingParams, queue_, put):
+        self._loop, self._queue, self._done = loop, queue_, True  # nothing to abort if submit raises
+        self.request_id = loop.submit(prompt_ids, params, put)
         self._done = False
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> SequenceOutput:
-        if self._done:
-            raise StopIteration
-        item = self._queue.get()
+    def _take(self, item):
+        """An output, or None at the end (a delivered exception is raised)."""
         if item is _END or isinstance(item, BaseException):
             self._done = True
-            if item is _END:
-                raise StopIteration
-            raise item
+            if item is not _END:
+                raise item
+            return None
         return item
 
     def close(self) -> None:
@@ -164,6 +159,23 @@ class RequestStream:
             self._done = True
             self._loop.abort(self.request_id)
 
+
+class RequestStream(_Stream):
+    """Iterator over one request's SequenceOutputs (all n samples interleaved), for any thread."""
+
+    def __init__(self, loop: EngineLoop, prompt_ids, params: SamplingParams):
+        q = queue.Queue()
+        super().__init__(loop, prompt_ids, params, q, q.put)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> SequenceOutput:
+        out = None if self._done else self._take(self._queue.get())
+        if out is None:
+            raise StopIteration
+        return out
+
     def __del__(self):
         try:
             self.close()
@@ -171,14 +183,13 @@ class RequestStream:
             pass
 
 
-class AsyncRequestStream:
+class AsyncRequestStream(_Stream):
     """Async iterator over one request's SequenceOutputs; items cross threads via call_soon_threadsafe."""
 
     def __init__(self, loop: EngineLoop, prompt_ids, params: SamplingParams, event_loop):
-        self._loop, self._queue, self._done = loop, asyncio.Queue(), True  # nothing to abort if submit raises
-        self.request_id = loop.submit(prompt_ids, params,
-                                      lambda item: event_loop.call_soon_threadsafe(self._queue.put_nowait, item))
-        self._done = False
+        q = asyncio.Queue()
+        super().__init__(loop, prompt_ids, params, q,
+                         lambda item: event_loop.call_soon_threadsafe(q.put_nowait, item))
 
     def __aiter__(self):
         return self
@@ -191,17 +202,10 @@ class AsyncRequestStream:
         except asyncio.CancelledError:
             self.close()
             raise
-        if item is _END or isinstance(item, BaseException):
-            self._done = True
-            if item is _END:
-                raise StopAsyncIteration
-            raise item
-        return item
-
-    def close(self) -> None:
-        if not self._done:
-            self._done = True
-            self._loop.abort(self.request_id)
+        out = self._take(item)
+        if out is None:
+            raise StopAsyncIteration
+        return out
 
     async def aclose(self) -> None:
         self.close()
