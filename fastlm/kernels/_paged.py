@@ -121,7 +121,7 @@ def _row_of_tile(CU_SEQLENS_Q, tile, n_rows, BLOCK_M: tl.constexpr):
 def _paged_prefill(Q, K, V, BLOCK_TABLES, CU_SEQLENS_Q, SEQLENS_K, O,  # q, o (total_q,Hq,D); pool; int32 index
                    stride_qt, stride_qh, stride_ot, stride_oh,  # strides of q and o
                    stride_b, stride_s, stride_h, stride_tb,  # pool strides (block, slot, head); table row stride
-                   n_rows, group, qk_scale,  # B, Hq // Hkv, softmax_scale * log2(e)
+                   n_rows, group, max_seqlen, qk_scale,  # B, Hq // Hkv, max_blocks * PAGE_SIZE, softmax_scale * log2(e)
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     tile = tl.program_id(0)
@@ -132,7 +132,7 @@ def _paged_prefill(Q, K, V, BLOCK_TABLES, CU_SEQLENS_Q, SEQLENS_K, O,  # q, o (t
     m_block = tile - (q_start // BLOCK_M + b)
     if m_block * BLOCK_M >= q_len:  # a spare tile of the upper-bound grid
         return
-    seqlen_k = tl.load(SEQLENS_K + b)
+    seqlen_k = tl.minimum(tl.load(SEQLENS_K + b), max_seqlen)  # unchecked under torch.compile: stay in the table
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_rows = (q_start + offs_m).to(tl.int64)
@@ -218,7 +218,7 @@ def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seqlens_k, sc
     with _device_guard(q):
         _paged_prefill[(total_q // block_m + B, Hq)](
             q, k_cache, v_cache, block_tables, cu_seqlens_q, seqlens_k, o, *q.stride()[:2], *o.stride()[:2],
-            *k_cache.stride()[:3], block_tables.stride(0), B, Hq // Hkv, scale * LOG2E,
+            *k_cache.stride()[:3], block_tables.stride(0), B, Hq // Hkv, block_tables.shape[1] * page, scale * LOG2E,
             BLOCK_M=block_m, BLOCK_N=block_n, PAGE_SIZE=page, HEAD_DIM=D, BLOCK_D=_block_d(D),
             PREC=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
     return o
