@@ -150,8 +150,13 @@ class LLM:
         return shape(completions, False, params.n)
 
     def close(self) -> None:
-        """Stop the engine's background thread (it also ends with the process)."""
+        """Stop the engine's background thread (also done when the LLM is garbage collected)."""
         self.engine_loop.shutdown()
+
+    def __del__(self):
+        loop = getattr(self, "engine_loop", None)
+        if loop is not None:
+            loop.shutdown(wait=False)  # the thread holds the engine (model, KV pool): let it end
 
     def _complete(self, prompts: List[List[int]], params: SamplingParams) -> List[List[Completion]]:
         """Submit every prompt at once (they run together), then collect each one's n Completions."""

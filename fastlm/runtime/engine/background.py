@@ -59,11 +59,12 @@ class EngineLoop:
     def stats(self) -> dict:
         return self.engine.stats()
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop the loop thread after its current step (requests still queued are dropped)."""
         with self._lock:
             self._stopping = True
             self._lock.notify()
-        if self._thread is not None:
+        if wait and self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
     def _send(self, command: tuple) -> None:

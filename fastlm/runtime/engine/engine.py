@@ -136,6 +136,7 @@ class Engine:
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting)}
 
     # ---- the step -----------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> List[SequenceOutput]:
         """Run one step; returns an output for each sequence that got a token or finished."""
         scheduled = self.scheduler.schedule()

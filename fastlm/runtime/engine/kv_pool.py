@@ -5,9 +5,9 @@ head_dim), contiguous, so each layer's (num_blocks + 1, block_size, Hkv, D) slic
 manager hands out blocks 0..num_blocks-1; the extra last block is scratch that padded rows of a
 CUDA-graph step write into and read from, never any sequence's.
 
-Size: kv_cache_memory bytes when given; otherwise on a GPU gpu_memory_utilization of the free memory,
-on a CPU enough for max_num_seqs full-context sequences, capped at min(CPU_MAX_BYTES, a quarter of the
-RAM).
+Size: kv_cache_memory bytes when given; otherwise enough for max_num_seqs full-context sequences, capped
+on a GPU at gpu_memory_utilization of the free memory, on a CPU at min(CPU_MAX_BYTES, a quarter of the
+RAM). (Not all of the GPU by default: other processes, and other LLMs of this one, keep their room.)
 """
 import os
 from typing import List, Optional, Tuple
@@ -24,11 +24,12 @@ def bytes_per_token(model) -> int:
 
 
 def default_kv_memory(model, max_num_seqs: int, gpu_memory_utilization: float) -> int:
+    """Enough for max_num_seqs full-context sequences, within the device's share (see the docstring)."""
+    wanted = max_num_seqs * model.config.max_seq_len * bytes_per_token(model)
     device = model.device
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free * gpu_memory_utilization)
-    wanted = max_num_seqs * model.config.max_seq_len * bytes_per_token(model)
+        return min(wanted, int(free * gpu_memory_utilization))
     return min(wanted, CPU_MAX_BYTES, _ram_bytes() // 4)
 
 

@@ -21,7 +21,6 @@ class ModelRunner:
     def __init__(self, model, pool: KVPool, graphs: Optional[DecodeGraphs] = None):
         self.model, self.pool, self.graphs = model, pool, graphs
 
-    @torch.inference_mode()
     def run(self, step: ScheduledStep) -> Tuple[torch.Tensor, List[Sequence]]:
         """-> (logits (R, V), the R sequences they belong to, in that order)."""
         input_ids, meta, sampled = self.prepare(step)
