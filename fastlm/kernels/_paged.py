@@ -24,11 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.kernels._decode import _decode_combine
-from fastlm.kernels._flash import _load_rows, _store_rows
-# shared launch helpers; they live in attention.py today and belong in _utils.py (kernel-structure issue)
-from fastlm.kernels.attention import LOG2E, _arch, _block_d, _device_guard, _dot_precision, _sm_count, \
-    decode_config, decode_splits, flash_fwd_config
+from fastlm.kernels import _decode  # its LSE combine kernel (referenced through the module: listed there)
+from fastlm.kernels._decode import decode_config, decode_splits
+from fastlm.kernels._flash import _load_rows, _store_rows, flash_fwd_config
+from fastlm.kernels._utils import LOG2E, Launch, device_guard, dot_precision, gpu_arch, head_dim_block, sm_count
 
 
 @triton.jit
@@ -158,7 +157,7 @@ def _paged_prefill(Q, K, V, BLOCK_TABLES, CU_SEQLENS_Q, SEQLENS_K, O,  # q, o (t
 
 
 # ---------------------------------------------------------------------------------------------------
-# Launch configurations (used by the launchers and by compile_specs in paged_attention.py)
+# Launch configurations (used by the launchers; LAUNCHES at the end lists them for the compile check)
 
 
 def paged_decode_config(head_dim, dtype, rows):
@@ -191,19 +190,19 @@ def paged_decode(q, k_cache, v_cache, block_tables, seqlens, scale):
     k_cache, v_cache = _pool_views(k_cache, v_cache)
     block_h, block_n, warps, stages = paged_decode_config(D, q.dtype, group * Sq)
     max_seqlen = block_tables.shape[1] * page
-    n_splits, chunk = decode_splits(B, Hkv, max_seqlen, block_n, _sm_count(q.device))  # shapes only: graph-safe
+    n_splits, chunk = decode_splits(B, Hkv, max_seqlen, block_n, sm_count(q.device))  # shapes only: graph-safe
     o_part = torch.empty((B, Sq, Hq, n_splits, D), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B, Sq, Hq, n_splits), dtype=torch.float32, device=q.device)
     o = torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=q.device)
-    with _device_guard(q):
+    with device_guard(q):
         _paged_decode_split[(B * Hkv, n_splits, triton.cdiv(group * Sq, block_h))](
             q, k_cache, v_cache, block_tables, seqlens, o_part, lse_part, *q.stride()[:3], *k_cache.stride()[:3],
             block_tables.stride(0), Hkv, group, Sq, max_seqlen, n_splits, chunk, scale * LOG2E,
-            BLOCK_H=block_h, BLOCK_N=block_n, PAGE_SIZE=page, HEAD_DIM=D, BLOCK_D=_block_d(D),
-            PREC=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
-        _decode_combine[(B * Sq * Hq,)](o_part, lse_part, o, *o.stride()[:3], Hq, Sq, n_splits,
+            BLOCK_H=block_h, BLOCK_N=block_n, PAGE_SIZE=page, HEAD_DIM=D, BLOCK_D=head_dim_block(D),
+            PREC=dot_precision(q.dtype), num_warps=warps, num_stages=stages)
+        _decode._decode_combine[(B * Sq * Hq,)](o_part, lse_part, o, *o.stride()[:3], Hq, Sq, n_splits,
                                         BLOCK_S=max(2, triton.next_power_of_2(n_splits)), HEAD_DIM=D,
-                                        BLOCK_D=_block_d(D), num_warps=4)
+                                        BLOCK_D=head_dim_block(D), num_warps=4)
     return o
 
 
@@ -214,11 +213,49 @@ def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seqlens_k, sc
     q = q if q.stride(-1) == 1 else q.contiguous()
     k_cache, v_cache = _pool_views(k_cache, v_cache)
     o = torch.empty((total_q, Hq, D), dtype=q.dtype, device=q.device)
-    block_m, block_n, warps, stages = paged_prefill_config(D, q.dtype, _arch(q.device))
-    with _device_guard(q):
+    block_m, block_n, warps, stages = paged_prefill_config(D, q.dtype, gpu_arch(q.device))
+    with device_guard(q):
         _paged_prefill[(total_q // block_m + B, Hq)](
             q, k_cache, v_cache, block_tables, cu_seqlens_q, seqlens_k, o, *q.stride()[:2], *o.stride()[:2],
             *k_cache.stride()[:3], block_tables.stride(0), B, Hq // Hkv, block_tables.shape[1] * page, scale * LOG2E,
-            BLOCK_M=block_m, BLOCK_N=block_n, PAGE_SIZE=page, HEAD_DIM=D, BLOCK_D=_block_d(D),
-            PREC=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
+            BLOCK_M=block_m, BLOCK_N=block_n, PAGE_SIZE=page, HEAD_DIM=D, BLOCK_D=head_dim_block(D),
+            PREC=dot_precision(q.dtype), num_warps=warps, num_stages=stages)
     return o
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configurations the compile check builds (fastlm.kernels.compile_check): bf16 for the head-dim classes
+# (64, odd 80, 128, 256), fp16 at D=128; decode for group x Sq row counts 1..32; pages of PAGE_SIZE.
+# fp32 (IEEE FMA, no tensor cores) is a correctness path and not listed. The LSE combine kernel is
+# _decode.py's (listed there).
+
+PAGE_SIZE = 16  # the engine's default block size
+
+
+def _decode_launch(head_dim, dtype, rows):
+    bh, bn, warps, stages = paged_decode_config(head_dim, dtype, rows)
+    constexprs = dict(BLOCK_H=bh, BLOCK_N=bn, PAGE_SIZE=PAGE_SIZE, HEAD_DIM=head_dim,
+                      BLOCK_D=head_dim_block(head_dim), PREC=dot_precision(dtype))
+    return Launch(_paged_decode_split, dtype, constexprs, warps, stages, fp32=("O_PART", "LSE_PART"),
+                  int32=("BLOCK_TABLES", "SEQLENS"), mma=True, tag=f"D={head_dim},{bh}x{bn},page{PAGE_SIZE}")
+
+
+def _prefill_launches(head_dim, dtype):
+    configs = {arch: paged_prefill_config(head_dim, dtype, arch) for arch in (80, 90)}
+    launches = []
+    for config in dict.fromkeys(configs.values()):
+        bm, bn, warps, stages = config
+        constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, PAGE_SIZE=PAGE_SIZE, HEAD_DIM=head_dim,
+                          BLOCK_D=head_dim_block(head_dim), PREC=dot_precision(dtype))
+        launches.append(Launch(_paged_prefill, dtype, constexprs, warps, stages,
+                               int32=("BLOCK_TABLES", "CU_SEQLENS_Q", "SEQLENS_K"), mma=True,
+                               targets=tuple(arch for arch, c in configs.items() if c == config),
+                               tag=f"D={head_dim},{bm}x{bn},page{PAGE_SIZE}"))
+    return launches
+
+
+LAUNCHES = ([launch for head_dim in (64, 80, 128, 256) for launch in _prefill_launches(head_dim, torch.bfloat16)]
+            + _prefill_launches(128, torch.float16)
+            + [_decode_launch(head_dim, dtype, rows) for head_dim, dtype, rows in
+               ((64, torch.bfloat16, 4), (128, torch.bfloat16, 8), (128, torch.bfloat16, 32), (256, torch.bfloat16, 8),
+                (128, torch.float16, 1))])

@@ -27,9 +27,8 @@ from torch import Tensor
 from torch.library import custom_op
 
 from fastlm.kernels import _paged
-from fastlm.kernels._paged import _paged_decode_split, _paged_prefill, paged_decode_config, paged_prefill_config
 from fastlm.kernels._utils import check_tensor, use_triton
-from fastlm.kernels.attention import MAX_DECODE_QUERIES, MAX_HEAD_DIM, _block_d, _dot_precision, _resolve_scale, _spec
+from fastlm.kernels.attention import MAX_DECODE_QUERIES, MAX_HEAD_DIM, _resolve_scale
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -295,52 +294,3 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq
     if not torch.compiler.is_compiling() and not use_triton(q):
         return paged_prefill_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seqlens_k, scale)
     return paged_prefill_attn(q, k_cache, v_cache, block_tables, cu_seqlens_q, seqlens_k, scale)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (fastlm.kernels.compile_check): the configurations the launchers pick.
-# The LSE combine kernel is _decode.py's, listed by attention.py.
-
-INDEX_POINTERS = ("BLOCK_TABLES", "SEQLENS", "CU_SEQLENS_Q", "SEQLENS_K")
-PAGE_SIZE = 16  # the engine's default block size
-
-
-def _paged_spec(name, fn, dtype, constexprs, warps, stages, targets=(80, 90)):
-    spec = _spec(name, fn, dtype, constexprs, warps, stages, expect_mma=dtype != torch.float32)
-    spec.signature.update({arg: "*i32" for arg in INDEX_POINTERS if arg in spec.signature})
-    spec.targets = targets
-    return spec
-
-
-def _decode_specs(head_dim, dtype, rows):
-    bh, bn, warps, stages = paged_decode_config(head_dim, dtype, rows)
-    constexprs = dict(BLOCK_H=bh, BLOCK_N=bn, PAGE_SIZE=PAGE_SIZE, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
-                      PREC=_dot_precision(dtype))
-    tag = f"D={head_dim},{str(dtype).replace('torch.', '')},{bh}x{bn},page{PAGE_SIZE}"
-    return [_paged_spec(f"paged_decode_split[{tag}]", _paged_decode_split, dtype, constexprs, warps, stages)]
-
-
-def _prefill_specs(head_dim, dtype):
-    configs = {arch: paged_prefill_config(head_dim, dtype, arch) for arch in (80, 90)}
-    specs = []
-    for config in dict.fromkeys(configs.values()):
-        bm, bn, warps, stages = config
-        constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, PAGE_SIZE=PAGE_SIZE, HEAD_DIM=head_dim,
-                          BLOCK_D=_block_d(head_dim), PREC=_dot_precision(dtype))
-        tag = f"D={head_dim},{str(dtype).replace('torch.', '')},{bm}x{bn},w{warps},page{PAGE_SIZE}"
-        targets = tuple(arch for arch, c in configs.items() if c == config)
-        specs.append(_paged_spec(f"paged_prefill[{tag}]", _paged_prefill, dtype, constexprs, warps, stages, targets))
-    return specs
-
-
-def compile_specs():
-    """bf16 for the head-dim classes (64, odd 80, 128, 256), fp16 at D=128; decode for group x Sq row
-    counts 1..32. fp32 (IEEE FMA, no tensor cores) is a correctness path and not listed."""
-    specs = []
-    for head_dim in (64, 80, 128, 256):
-        specs += _prefill_specs(head_dim, torch.bfloat16)
-    specs += _prefill_specs(128, torch.float16)
-    for head_dim, rows in ((64, 4), (128, 8), (128, 32), (256, 8)):
-        specs += _decode_specs(head_dim, torch.bfloat16, rows)
-    specs += _decode_specs(128, torch.float16, 1)
-    return specs

@@ -7,7 +7,7 @@ import torch
 
 from fastlm.kernels import paged_decode_attention, paged_prefill_attention
 from fastlm.kernels._paged import paged_decode_config
-from fastlm.kernels.attention import decode_splits
+from fastlm.kernels._decode import decode_splits
 from tests.compare import assert_close_by_rule
 from tests.kernels.test_attention import ATOL, ON_CUDA, attention_plain, poisoned_outputs  # noqa: F401
 
