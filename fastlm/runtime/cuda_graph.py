@@ -9,9 +9,11 @@ decode path never reads a device value on the host. Padded rows read and write o
 block (kv_pool.py) with one key, so they cannot touch a sequence's K/V; their logits are dropped.
 
 Without capture (CPU, or capture=False) the same padding runs eagerly: that is how the padding is
-tested on machines without a GPU.
+tested on machines without a GPU. A capture that fails is not fatal but observable: a warning, the reason
+in capture_error, uses_cuda_graph False, and every later step eager.
 """
-from typing import Dict
+import warnings
+from typing import Dict, Optional
 
 import torch
 
@@ -43,6 +45,12 @@ class DecodeGraphs:
         self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: Dict[int, torch.Tensor] = {}
         self.memory_pool = None
+        self.capture_error: Optional[str] = None  # why capture failed (then every step runs eagerly)
+
+    @property
+    def uses_cuda_graph(self) -> bool:
+        """True once a step has replayed a captured graph (and capture has not failed since)."""
+        return self.capture and bool(self.graphs)
 
     def bucket_for(self, batch: int):
         """The smallest bucket holding batch rows, None when there is none (run eagerly)."""
@@ -53,10 +61,10 @@ class DecodeGraphs:
         batch = meta.num_decodes
         bucket = self.bucket_for(batch)
         self._fill(input_ids, meta, batch, bucket)
+        if self.capture and bucket not in self.graphs:
+            self._try_capture(bucket)
         if not self.capture:
             return self.model(self.input_ids[:bucket], metadata=self._metadata(bucket))[:batch]
-        if bucket not in self.graphs:
-            self._capture(bucket)
         self.graphs[bucket].replay()
         return self.outputs[bucket][:batch]
 
@@ -84,6 +92,14 @@ class DecodeGraphs:
             decode_seqlens=self.seqlens[:bucket], prefill_block_tables=self.block_tables[:0],
             prefill_cu_seqlens_q=self.seqlens[:1] * 0, prefill_seqlens_k=empty, logits_indices=self.rows[:bucket])
 
+    def _try_capture(self, bucket: int) -> None:
+        try:
+            self._capture(bucket)
+        except Exception as exc:  # noqa: BLE001 - a model that cannot be captured still generates, eagerly
+            warnings.warn(f"CUDA graph capture of a decode step failed ({exc}); decode steps run eagerly",
+                          stacklevel=3)
+            self.capture, self.capture_error = False, f"{type(exc).__name__}: {exc}"
+
     def _capture(self, bucket: int) -> None:
         meta = self._metadata(bucket)
         side = torch.cuda.Stream(device=self.pool.k.device)
@@ -92,7 +108,8 @@ class DecodeGraphs:
             self.model(self.input_ids[:bucket], metadata=meta)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.memory_pool):
+        # thread_local: other threads may run torch while the engine's thread captures
+        with torch.cuda.graph(graph, pool=self.memory_pool, capture_error_mode="thread_local"):
             self.outputs[bucket] = self.model(self.input_ids[:bucket], metadata=meta)
         self.memory_pool = graph.pool()
         self.graphs[bucket] = graph

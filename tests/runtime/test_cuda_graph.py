@@ -37,6 +37,28 @@ def test_padded_decode_steps_give_every_output(name, llms, make_engine, referenc
     assert scratch.abs().sum() > 0  # padding rows wrote there, and nowhere else (outputs unchanged)
 
 
+def test_no_capture_on_a_cpu_pool(llms, make_engine):
+    engine = make_engine(llms["gpt2"])
+    assert engine.runner.graphs is None  # the engine makes none for a CPU pool
+    graphs = DecodeGraphs(engine.model, engine.pool, 4, 8)
+    assert not graphs.capture and not graphs.uses_cuda_graph and graphs.capture_error is None
+
+
+def test_a_failed_capture_falls_back_observably(llms, make_engine, reference_kernels, monkeypatch):
+    llm = llms["gpt2"]
+    engine = make_engine(llm, max_num_seqs=4)
+    graphs, buckets = graphed(engine, capture=False)
+    graphs.capture = True  # as on a GPU, with a capture that fails
+
+    def broken_capture(bucket):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(graphs, "_capture", broken_capture)
+    with pytest.warns(UserWarning, match="capture of a decode step failed"):
+        assert generate(engine, PROMPTS[:3]) == reference_greedy(llm, PROMPTS[:3])
+    assert buckets and not graphs.uses_cuda_graph and not graphs.capture
+    assert graphs.capture_error == "RuntimeError: operation not permitted when stream is capturing"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_decode_steps_replay_captured_graphs_on_a_gpu(llms, make_engine):
     llm = llms["gpt2"]
@@ -46,4 +68,5 @@ def test_decode_steps_replay_captured_graphs_on_a_gpu(llms, make_engine):
     assert engine.runner.graphs is not None and engine.runner.graphs.capture
     assert generate(engine, PROMPTS[:5], SamplingParams(max_new_tokens=24, temperature=0)) == reference_greedy(
         llm, PROMPTS[:5])
+    assert engine.runner.graphs.uses_cuda_graph, engine.runner.graphs.capture_error
     assert set(engine.runner.graphs.graphs) >= {8}
