@@ -15,15 +15,26 @@ Leaving a stream early (break, close(), garbage collection, a cancelled task) ab
 If a step raises, every active request receives the exception and the loop keeps serving new ones.
 """
 import asyncio
+import atexit
 import itertools
 import queue
 import threading
+import weakref
 from typing import Callable, Dict, List, Optional
 
 from fastlm.runtime.engine.engine import Engine, SequenceOutput
 from fastlm.runtime.sampling import SamplingParams
 
 _END = object()  # delivered once after a request's last output
+_LIVE_LOOPS = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all_loops() -> None:
+    """Join every loop thread before the interpreter finalizes: a daemon thread still inside a torch op
+    at exit aborts the process ("terminate called without an active exception")."""
+    for loop in list(_LIVE_LOOPS):
+        loop.shutdown()
 
 
 class EngineLoop:
@@ -75,6 +86,7 @@ class EngineLoop:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="fastlm-engine", daemon=True)
                 self._thread.start()
+                _LIVE_LOOPS.add(self)
             self._lock.notify()
 
     # ---- the loop thread ----------------------------------------------------------------------
