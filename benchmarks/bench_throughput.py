@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_generate import FULL, QUICK, save_random_checkpoint  # noqa: E402
+from benchmarks.bench_generate import FULL, QUICK, random_checkpoints  # noqa: E402
 from benchmarks.common import base_parser, check_device, describe_device, synchronize, write_csv  # noqa: E402
 
 FULL_SIZES = dict(prompt=(32, 512), output=(16, 256), system=256, suffix=(16, 128), shared_output=(16, 128))
@@ -167,10 +167,7 @@ def main(argv=None):
           f"{'req/s':>7} {'ratio':>6}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (family, kwargs) in configs.items():
-            if args.models and name not in args.models:
-                continue
-            folder = save_random_checkpoint(family, kwargs, os.path.join(tmp, name))
+        for name, folder in random_checkpoints(configs, args.models, tmp):
             rows += bench_model(name, folder, device, args.dtype, n_requests, sizes, not args.no_hf)
     for r in rows:
         r["device"] = describe_device(device)

@@ -187,3 +187,14 @@ def test_mixed_steps_on_the_interpreter_kernels(llms, make_engine):
     results = run_to_end(engine, on_step=add_second)
     assert [results[r][0] for r in rids] == expected
     assert shapes[:4] == [(0, 1), (0, 1), (0, 1), (1, 1)]
+
+
+def test_requests_arriving_together_share_a_system_prompt_computed_once(llms, make_engine, reference_kernels):
+    llm = llms["gpt2"]
+    system = list(range(10, 50))  # two full blocks and a partial one
+    prompts = [system + [60 + i, 61 + i] for i in range(3)]
+    engine = make_engine(llm)
+    assert generate(engine, prompts, SamplingParams(max_new_tokens=8, temperature=0)) == reference_greedy(llm, prompts, 8)
+    assert engine.stats()["prefix_cache_hit_tokens"] == 2 * 32  # the first computes it; the others wait a step
+    cold = make_engine(llm, enable_prefix_caching=False)
+    assert generate(cold, prompts, SamplingParams(max_new_tokens=8, temperature=0)) == reference_greedy(llm, prompts, 8)

@@ -6,7 +6,9 @@ Each step, in order (after vLLM's scheduler and nano-vllm's, with mixed prefill 
    tokens need a block when none is free preempts the newest running sequence (its blocks are freed,
    it waits and is recomputed later — possibly itself); nothing fails and nothing is dropped;
 2. waiting sequences, oldest first, while the budget, max_num_seqs and the free blocks allow: each
-   takes its cached prefix (prefix caching) and a first chunk of its remaining tokens.
+   takes its cached prefix (prefix caching) and a first chunk of its remaining tokens. A sequence whose
+   next uncached block is being computed in this very step by another one (requests arriving together
+   with a shared system prompt) waits one step, and then reuses it instead of computing it again.
 A long prompt is thus chunked across steps, and decodes never wait behind a long prefill.
 """
 import bisect
@@ -60,6 +62,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledStep:
         step, budget = ScheduledStep(), self.max_num_batched_tokens
+        in_flight = set()  # chain hashes of the full blocks this step computes
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -69,14 +72,35 @@ class Scheduler:
             if self._grow_or_preempt(seq, seq.num_computed_tokens + span):
                 step.add(seq, span)
                 budget -= span
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            span = self._admit(self.waiting[0], budget)
+                in_flight.update(self._blocks_filled(seq, span))
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[i]
+            if self._next_block_in_flight(seq, in_flight):
+                i += 1  # admitted next step, with that block cached
+                continue
+            span = self._admit(seq, budget)
             if span == 0:
                 break
-            seq = self.waiting.pop(0)
+            self.waiting.pop(i)
             step.add(seq, span)
             budget -= span
+            in_flight.update(self._blocks_filled(seq, span))
         return step
+
+    def _blocks_filled(self, seq: Sequence, span: int) -> list:
+        """Chain hashes of the blocks that computing seq's next `span` tokens fills (prefix caching only)."""
+        if not self.blocks.enable_prefix_caching:
+            return []
+        size = self.blocks.block_size
+        first, end = seq.num_computed_tokens // size, (seq.num_computed_tokens + span) // size
+        return [self.blocks.chain_hash(seq, i) for i in range(first, end)]
+
+    def _next_block_in_flight(self, seq: Sequence, in_flight: set) -> bool:
+        if not in_flight:
+            return False
+        cached = len(self.blocks.match_prefix(seq))
+        return cached < (seq.num_tokens - 1) // self.blocks.block_size and self.blocks.chain_hash(seq, cached) in in_flight
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End a sequence (finished or aborted): free its blocks, forget it."""
