@@ -95,32 +95,38 @@ def row(model, dtype, workload_name, engine, workload, result, **extra):
                 requests_per_s=round(len(workload) / result["seconds"], 3), **extra)
 
 
-def bench_model(name, folder, device, dtype, n_requests, sizes, with_hf):
-    import transformers as tf
-
+def bench_model(name, folder, device, dtype, n_requests, sizes, with_hf, workloads=("mixed", "shared")):
     import fastlm
 
     llm = fastlm.LLM(folder, dtype=dtype, device=device)
-    vocab = llm.model.config.vocab_size
-    rows = []
-    mixed = mixed_workload(n_requests, vocab, sizes)
+    rows = _bench_mixed(name, folder, llm, dtype, n_requests, sizes, with_hf) if "mixed" in workloads else []
+    return rows + (_bench_shared(name, llm, dtype, n_requests, sizes) if "shared" in workloads else [])
+
+
+def _bench_mixed(name, folder, llm, dtype, n_requests, sizes, with_hf):
+    import transformers as tf
+
+    mixed = mixed_workload(n_requests, llm.model.config.vocab_size, sizes)
     ours = run_fastlm(llm.model, mixed)
-    rows.append(row(name, dtype, "mixed", "fastlm", mixed, ours, preemptions=ours["preemptions"]))
+    rows = [row(name, dtype, "mixed", "fastlm", mixed, ours, preemptions=ours["preemptions"])]
     if with_hf:
-        hf = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
+        hf = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(llm.device).eval()
         theirs = run_hf(hf, mixed)
-        rows[-1]["tokens_x_hf"] = round(theirs["seconds"] / ours["seconds"], 2)
+        rows[0]["tokens_x_hf"] = round(theirs["seconds"] / ours["seconds"], 2)
         rows.append(row(name, dtype, "mixed", "transformers", mixed, theirs))
-        del hf
     for r in rows:
         print_row(r)
-    shared = shared_workload(n_requests, vocab, sizes)
+    return rows
+
+
+def _bench_shared(name, llm, dtype, n_requests, sizes):
+    shared = shared_workload(n_requests, llm.model.config.vocab_size, sizes)
     on, off = (run_fastlm(llm.model, shared, enable_prefix_caching=flag) for flag in (True, False))
-    rows.append(row(name, dtype, "shared", "fastlm prefix cache", shared, on, prefix_hit_tokens=on["hit_tokens"],
-                    prefix_x_off=round(off["seconds"] / on["seconds"], 2)))
-    print_row(rows[-1])
-    rows.append(row(name, dtype, "shared", "fastlm no prefix cache", shared, off))
-    print_row(rows[-1])
+    rows = [row(name, dtype, "shared", "fastlm prefix cache", shared, on, prefix_hit_tokens=on["hit_tokens"],
+                prefix_x_off=round(off["seconds"] / on["seconds"], 2)),
+            row(name, dtype, "shared", "fastlm no prefix cache", shared, off)]
+    for r in rows:
+        print_row(r)
     return rows
 
 
@@ -156,6 +162,7 @@ def main(argv=None):
     parser.add_argument("--requests", type=int, default=None, help="requests per workload (default 200, quick 40)")
     parser.add_argument("--models", nargs="+", default=None, help="subset of the model names")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers (fastlm figures only)")
+    parser.add_argument("--workloads", nargs="+", default=["mixed", "shared"], choices=["mixed", "shared"])
     args = parser.parse_args(argv)
     device = check_device(args.device, args.threads)
     configs, sizes = (QUICK, QUICK_SIZES) if args.quick else (FULL, FULL_SIZES)
@@ -168,7 +175,7 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, folder in random_checkpoints(configs, args.models, tmp):
-            rows += bench_model(name, folder, device, args.dtype, n_requests, sizes, not args.no_hf)
+            rows += bench_model(name, folder, device, args.dtype, n_requests, sizes, not args.no_hf, args.workloads)
     for r in rows:
         r["device"] = describe_device(device)
     keys = list(dict.fromkeys(k for r in rows for k in r))
