@@ -26,9 +26,9 @@ import subprocess
 import sys
 import tempfile
 
-from fastlm.kernels import _decode, _flash, _norm, _quant  # the kernel modules this check builds
+from fastlm.kernels import _decode, _flash, _norm, _paged, _quant  # the kernel modules this check builds
 
-KERNEL_MODULES = [module.__name__ for module in (_norm, _flash, _decode, _quant)]
+KERNEL_MODULES = [module.__name__ for module in (_norm, _flash, _decode, _paged, _quant)]
 TARGETS = (80, 90)
 POINTER_TYPES = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "int32": "*i32", "int8": "*i8",
                  "uint8": "*u8"}
