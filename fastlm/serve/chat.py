@@ -1,0 +1,69 @@
+"""POST /v1/chat/completions: messages rendered by the chat template, assistant messages out."""
+import time
+import uuid
+
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from fastlm.serve.errors import APIError, bad_request
+from fastlm.serve.outputs import Choice, TokenStrings, chat_logprobs, collect, event_stream, usage
+from fastlm.serve.protocol import ChatCompletionRequest
+
+
+async def create_chat_completion(state, request, body: ChatCompletionRequest) -> Response:
+    state.check_model(body.model)
+    prompt = _render(state, body)
+    params = body.params(room=state.context - len(prompt))
+    generation = state.generation([prompt], params)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
+    token_strings = TokenStrings(state.tokenizer) if params.logprobs is not None else None
+    choices = {i: Choice(i) for i in range(generation.num_choices)}
+    if body.stream:
+        return StreamingResponse(_events(generation, head, choices, token_strings, body.include_usage),
+                                 media_type="text/event-stream")
+    if not await collect(generation, choices, request):
+        return Response(status_code=499)  # the client is gone; nobody reads this
+    return JSONResponse({**head, "object": "chat.completion",
+                         "choices": [_choice_json(c, token_strings) for c in choices.values()],
+                         "usage": usage(generation.prompt_tokens, sum(c.num_tokens for c in choices.values()))})
+
+
+def _render(state, body: ChatCompletionRequest):
+    tokenizer = state.need_tokenizer("chat")
+    if state.chat_template is None:
+        raise APIError(400, "this model has no chat template (no chat_template in its tokenizer_config.json "
+                            "and no chat_template.jinja); start the server with --chat-template FILE, or use "
+                            "/v1/completions", param="messages", code="no_chat_template")
+    try:
+        return state.chat_template.encode(tokenizer, body.messages, bool(body.add_generation_prompt))
+    except ValueError as exc:
+        raise bad_request(str(exc), "messages") from None
+
+
+def _choice_json(choice: Choice, token_strings) -> dict:
+    return {"index": choice.index, "message": {"role": "assistant", "content": choice.text},
+            "logprobs": chat_logprobs(choice.logprobs, token_strings) if token_strings else None,
+            "finish_reason": choice.finish_reason}
+
+
+def _events(generation, head: dict, choices, token_strings, include_usage: bool):
+    head = {**head, "object": "chat.completion.chunk"}
+
+    def chunk(index, delta, logprobs=None, finish_reason=None):
+        payload = {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                        "finish_reason": finish_reason}]}
+        return {**payload, "usage": None} if include_usage else payload
+
+    def chunks(index, out):
+        choices[index].num_tokens += len(out.token_ids)
+        logprobs = chat_logprobs(out.logprobs, token_strings) if token_strings is not None else None
+        if out.text or out.finished or out.token_ids and logprobs:
+            reason = ("length" if out.finish_reason == "length" else "stop") if out.finished else None
+            yield chunk(index, {"content": out.text} if out.text else {}, logprobs, reason)
+
+    def last():
+        if include_usage:
+            total = sum(c.num_tokens for c in choices.values())
+            yield {**head, "choices": [], "usage": usage(generation.prompt_tokens, total)}
+
+    first = [chunk(i, {"role": "assistant", "content": ""}) for i in choices]
+    return event_stream(generation, chunks, first, last)

@@ -1,0 +1,77 @@
+"""POST /v1/completions: prompts (a string, strings, ids, lists of ids) in, text choices out."""
+import time
+import uuid
+from typing import List
+
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from fastlm.serve.errors import bad_request
+from fastlm.serve.outputs import Choice, TokenStrings, collect, completion_logprobs, event_stream, usage
+from fastlm.serve.protocol import CompletionRequest, prompt_list
+
+
+async def create_completion(state, request, body: CompletionRequest) -> Response:
+    state.check_model(body.model)
+    params = body.params()
+    prompts = [_prompt_ids(state, prompt, i) for i, prompt in enumerate(prompt_list(body.prompt))]
+    echoes = [_echo_text(state, p) for p in prompt_list(body.prompt)] if body.echo else None
+    generation = state.generation(prompts, params)
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": state.model_name}
+    token_strings = TokenStrings(state.tokenizer) if params.logprobs is not None else None
+    choices = {i: Choice(i, echoes[i // params.n] if echoes else "") for i in range(generation.num_choices)}
+    if body.stream:
+        return StreamingResponse(_events(generation, head, choices, echoes, token_strings, body.include_usage),
+                                 media_type="text/event-stream")
+    if not await collect(generation, choices, request):
+        return Response(status_code=499)  # the client is gone; nobody reads this
+    return JSONResponse({**head, "choices": [_choice_json(c, token_strings, len(echoes[c.index // params.n]) if echoes
+                                                          else 0) for c in choices.values()],
+                         "usage": usage(generation.prompt_tokens, sum(c.num_tokens for c in choices.values()))})
+
+
+def _prompt_ids(state, prompt, index: int) -> List[int]:
+    if isinstance(prompt, str):
+        if not prompt:
+            raise bad_request("prompt must not be empty", "prompt")
+        return list(state.need_tokenizer("a text prompt").encode(prompt))
+    if not prompt:
+        raise bad_request(f"prompt[{index}] must not be empty", "prompt")
+    return list(prompt)
+
+
+def _echo_text(state, prompt) -> str:
+    return prompt if isinstance(prompt, str) else state.need_tokenizer("echo").decode(list(prompt))
+
+
+def _choice_json(choice: Choice, token_strings, echo_length: int) -> dict:
+    logprobs = completion_logprobs(choice.logprobs, token_strings, echo_length) if token_strings else None
+    return {"index": choice.index, "text": choice.text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
+
+
+def _events(generation, head: dict, choices, echoes, token_strings, include_usage: bool):
+    n = generation.params.n
+    offsets = {i: len(echoes[i // n]) if echoes else 0 for i in choices}  # text offset of each choice's next token
+
+    def chunk(index, text, logprobs=None, finish_reason=None):
+        payload = {**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                        "finish_reason": finish_reason}]}
+        return {**payload, "usage": None} if include_usage else payload
+
+    def chunks(index, out):
+        choices[index].num_tokens += len(out.token_ids)
+        logprobs = None
+        if token_strings is not None:
+            logprobs = completion_logprobs(out.logprobs, token_strings, offsets[index])
+            offsets[index] += sum(len(t) for t in logprobs["tokens"])
+        if out.text or out.finished or out.token_ids and logprobs:
+            reason = ("length" if out.finish_reason == "length" else "stop") if out.finished else None
+            yield chunk(index, out.text, logprobs, reason)
+
+    def last():
+        if include_usage:
+            total = sum(c.num_tokens for c in choices.values())
+            yield {**head, "choices": [], "usage": usage(generation.prompt_tokens, total)}
+
+    first = [chunk(i, echoes[i // n]) for i in choices] if echoes else []
+    return event_stream(generation, chunks, first, last)
