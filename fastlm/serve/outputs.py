@@ -60,8 +60,17 @@ def completion_logprobs(entries, token_strings: TokenStrings, offset: int) -> di
         tokens.append(token_strings(entry.token_id))
         offset += len(tokens[-1])
     return {"tokens": tokens, "token_logprobs": [finite(e.logprob) for e in entries],
-            "top_logprobs": [{token_strings(t): finite(lp) for t, lp in e.top} for e in entries],
+            "top_logprobs": [_top_dict(e.top, token_strings) for e in entries],
             "text_offset": offsets}
+
+
+def _top_dict(top, token_strings: TokenStrings) -> dict:
+    """{token string: logprob}, most likely first; tokens that decode alike (bytes of one character,
+    shown as U+FFFD) keep the first, highest value."""
+    result = {}
+    for token_id, logprob in top:
+        result.setdefault(token_strings(token_id), finite(logprob))
+    return result
 
 
 def chat_logprobs(entries, token_strings: TokenStrings) -> dict:
