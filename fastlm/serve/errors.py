@@ -9,6 +9,10 @@ from fastapi.responses import JSONResponse
 
 # engine / SamplingParams argument names -> the request field a client sent
 FIELD_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "prompt_ids": "prompt"}
+# request fields a runtime message may start with (it then names the param)
+PARAMS = {"prompt", "messages", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop",
+          "seed", "presence_penalty", "frequency_penalty", "repetition_penalty", "stop_token_ids", "ignore_eos",
+          "logprobs"}
 
 
 class APIError(Exception):
@@ -34,5 +38,4 @@ def from_value_error(exc: ValueError) -> APIError:
     if first in FIELD_NAMES:
         message = FIELD_NAMES[first] + message[len(first):]
         first = FIELD_NAMES[first]
-    param = first if first.isidentifier() and " must " in message else None
-    return bad_request(message, param)
+    return bad_request(message, first if first in PARAMS else None)

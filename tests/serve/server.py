@@ -11,18 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.runtime.chat_templates import CHATML
+
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT = 180
-
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-LLAMA3 = ("{{ bos_token }}{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
-          "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}{{ content }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-STRICT_ALTERNATION = ("{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-                      "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-                      "{% endif %}{{ message['role'] + ': ' + message['content'] + '\n' }}{% endfor %}"
-                      "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
 
 
 class Server:
