@@ -71,7 +71,7 @@ def _key_checker(api_key: Optional[str]):
 async def _parse(request: Request, model: Type[BaseModel]) -> BaseModel:
     try:
         data = json.loads((await request.body() or b"null").decode("utf-8"))
-        json.dumps(data, ensure_ascii=False).encode("utf-8")  # lone surrogates ("\\ud800") cannot be tokenized
+        json.dumps(data, ensure_ascii=False).encode("utf-8")  # a lone surrogate (JSON "\ud800") cannot be tokenized
     except (json.JSONDecodeError, UnicodeError) as e:
         raise bad_request(f"the request body is not valid UTF-8 JSON: {e}") from None
     if not isinstance(data, dict):

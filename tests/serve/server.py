@@ -45,7 +45,7 @@ class Server:
     def client(self, api_key: str = "none", **options):
         import openai
 
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=120, **options)
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, **{"max_retries": 0, "timeout": 120, **options})
 
     def async_client(self, api_key: str = "none"):
         import openai
@@ -91,10 +91,11 @@ def tiny_checkpoint(folder: Path, chat_template: str = None) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory):
-    """Tiny GPT-2 with a ChatML template, default limits."""
+    """Tiny GPT-2 with a ChatML template; a KV pool of 24 blocks of 16 tokens (4 full contexts), so
+    concurrent clients queue and get preempted."""
     folder = tiny_checkpoint(tmp_path_factory.mktemp("tiny_gpt2"), CHATML)
     server = Server("--model", str(folder), "--served-model-name", "tiny", "--max-num-seqs", "16",
-                    "--max-num-batched-tokens", "256")
+                    "--max-num-batched-tokens", "64", "--kv-cache-memory", "384K")
     server.tokenizer_folder = folder
     yield server
     assert server.stop() == 0
