@@ -139,6 +139,7 @@ def test_aborts_mid_way_free_blocks_and_leave_the_others_intact(llms, make_engin
     for i in (0, 2, 3, 4):
         assert results[rids[i]][0] == expected[i]
     assert len(results[rids[1]][0]) < len(expected[1]) and rids[5] not in results
+    assert engine.stats()["aborted_sequences"] == 2
 
 
 def test_requests_added_while_others_run(llms, make_engine, reference_kernels):

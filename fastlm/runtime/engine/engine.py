@@ -83,6 +83,7 @@ class Engine:
         self.requests: Dict[int, _Request] = {}
         self._ids, self._arrivals = itertools.count(), itertools.count()
         self._pending_copies = []  # (src, dst) blocks of forks, copied before the next forward
+        self.aborted_sequences = 0  # sequences stopped by abort() before they finished
 
     # ---- requests -----------------------------------------------------------------------------
     def add_request(self, prompt_ids: Seq[int], params: Optional[SamplingParams] = None,
@@ -124,6 +125,7 @@ class Engine:
             for seq in request.seqs:
                 if not seq.finished:
                     self.scheduler.finish(seq, "abort")
+                    self.aborted_sequences += 1
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -132,7 +134,7 @@ class Engine:
         return {"kv_blocks_total": self.blocks.num_blocks, "kv_blocks_free": self.blocks.num_free_blocks,
                 "block_size": self.blocks.block_size,
                 "prefix_cache_hit_tokens": self.scheduler.prefix_cache_hit_tokens,
-                "preemptions": self.scheduler.preemptions,
+                "preemptions": self.scheduler.preemptions, "aborted_sequences": self.aborted_sequences,
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting)}
 
     # ---- the step -----------------------------------------------------------------------------
