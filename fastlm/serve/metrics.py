@@ -3,7 +3,7 @@
 Counted by the server as outputs reach the event loop: prompt and generation tokens, finished
 choices by finish reason ("abort" when the client left), time to first token, inter-token latency.
 Read from the engine at each scrape: running and waiting sequences, KV blocks used and total,
-prefix-cache hit tokens, preemptions.
+prefix-cache hit tokens, preemptions, sequences aborted in the engine.
 """
 from typing import Callable
 
@@ -55,3 +55,5 @@ class _EngineCollector:
                                   value=stats["prefix_cache_hit_tokens"])
         yield CounterMetricFamily("fastlm_preemptions", "Sequences preempted (recomputed later)",
                                   value=stats["preemptions"])
+        yield CounterMetricFamily("fastlm_engine_aborted_sequences", "Sequences the engine stopped on an abort "
+                                  "(a client that left)", value=stats.get("aborted_sequences", 0))
