@@ -5,7 +5,7 @@ import uuid
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from fastlm.serve.errors import APIError, bad_request
-from fastlm.serve.outputs import Choice, TokenStrings, chat_logprobs, collect, event_stream, usage
+from fastlm.serve.outputs import Choice, TokenStrings, chat_logprobs, collect, event_stream, finish_reason, usage
 from fastlm.serve.protocol import ChatCompletionRequest
 
 
@@ -46,24 +46,13 @@ def _choice_json(choice: Choice, token_strings) -> dict:
 
 
 def _events(generation, head: dict, choices, token_strings, include_usage: bool):
-    head = {**head, "object": "chat.completion.chunk"}
+    def delta(index, message, logprobs=None, reason=None):
+        return {"index": index, "delta": message, "logprobs": logprobs, "finish_reason": reason}
 
-    def chunk(index, delta, logprobs=None, finish_reason=None):
-        payload = {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                        "finish_reason": finish_reason}]}
-        return {**payload, "usage": None} if include_usage else payload
-
-    def chunks(index, out):
-        choices[index].num_tokens += len(out.token_ids)
+    def deltas(index, out):
         logprobs = chat_logprobs(out.logprobs, token_strings) if token_strings is not None else None
         if out.text or out.finished or out.token_ids and logprobs:
-            reason = ("length" if out.finish_reason == "length" else "stop") if out.finished else None
-            yield chunk(index, {"content": out.text} if out.text else {}, logprobs, reason)
+            yield delta(index, {"content": out.text} if out.text else {}, logprobs, finish_reason(out))
 
-    def last():
-        if include_usage:
-            total = sum(c.num_tokens for c in choices.values())
-            yield {**head, "choices": [], "usage": usage(generation.prompt_tokens, total)}
-
-    first = [chunk(i, {"role": "assistant", "content": ""}) for i in choices]
-    return event_stream(generation, chunks, first, last)
+    first = [delta(i, {"role": "assistant", "content": ""}) for i in choices]  # the role comes first
+    return event_stream(generation, {**head, "object": "chat.completion.chunk"}, choices, include_usage, deltas, first)

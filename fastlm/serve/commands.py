@@ -1,7 +1,8 @@
 """`fastlm serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn), registered by fastlm/cli.py.
 
-Flags are checked before the model loads; the listening socket is bound before the address is printed,
-so a client may connect as soon as it reads the line (with --port 0 the line names the port chosen).
+Flags are checked and the socket is bound before the model loads (a taken port fails at once); the address
+is printed once the model is loaded, and a client may connect as soon as it reads the line (with
+--port 0 the line names the port chosen).
 SIGTERM: stop accepting, let running requests finish within --shutdown-timeout seconds, exit 0.
 """
 import asyncio
@@ -95,8 +96,8 @@ def run_serve(args) -> int:
     from fastlm.serve.app import build_app
 
     _check_args(args)
+    sock = _listen(args.host, args.port)  # before loading: a taken port fails fast
     state = build_state(args)
-    sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(build_app(state, args.api_key), log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=args.shutdown_timeout)

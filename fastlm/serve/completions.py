@@ -6,7 +6,8 @@ from typing import List
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from fastlm.serve.errors import bad_request
-from fastlm.serve.outputs import Choice, TokenStrings, collect, completion_logprobs, event_stream, usage
+from fastlm.serve.outputs import (Choice, TokenStrings, collect, completion_logprobs, event_stream, finish_reason,
+                                  usage)
 from fastlm.serve.protocol import CompletionRequest, prompt_list
 
 
@@ -53,25 +54,16 @@ def _events(generation, head: dict, choices, echoes, token_strings, include_usag
     n = generation.params.n
     offsets = {i: len(echoes[i // n]) if echoes else 0 for i in choices}  # text offset of each choice's next token
 
-    def chunk(index, text, logprobs=None, finish_reason=None):
-        payload = {**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                        "finish_reason": finish_reason}]}
-        return {**payload, "usage": None} if include_usage else payload
+    def delta(index, text, logprobs=None, reason=None):
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
-    def chunks(index, out):
-        choices[index].num_tokens += len(out.token_ids)
+    def deltas(index, out):
         logprobs = None
         if token_strings is not None:
             logprobs = completion_logprobs(out.logprobs, token_strings, offsets[index])
             offsets[index] += sum(len(t) for t in logprobs["tokens"])
         if out.text or out.finished or out.token_ids and logprobs:
-            reason = ("length" if out.finish_reason == "length" else "stop") if out.finished else None
-            yield chunk(index, out.text, logprobs, reason)
+            yield delta(index, out.text, logprobs, finish_reason(out))
 
-    def last():
-        if include_usage:
-            total = sum(c.num_tokens for c in choices.values())
-            yield {**head, "choices": [], "usage": usage(generation.prompt_tokens, total)}
-
-    first = [chunk(i, echoes[i // n]) for i in choices] if echoes else []
-    return event_stream(generation, chunks, first, last)
+    first = [delta(i, echoes[i // n]) for i in choices] if echoes else []
+    return event_stream(generation, head, choices, include_usage, deltas, first)

@@ -7,7 +7,7 @@ engine failure mid-stream is sent as an OpenAI error event (the official client 
 import asyncio
 import json
 import math
-from typing import Callable, Dict, Iterable, List
+from typing import Callable, Dict, Iterable, List, Optional
 
 from fastlm.serve.errors import APIError
 
@@ -48,8 +48,7 @@ class Choice:
         self.text += out.text
         self.num_tokens += len(out.token_ids)
         self.logprobs.extend(out.logprobs)
-        if out.finished:
-            self.finish_reason = "length" if out.finish_reason == "length" else "stop"
+        self.finish_reason = finish_reason(out) or self.finish_reason
 
 
 def completion_logprobs(entries, token_strings: TokenStrings, offset: int) -> dict:
@@ -113,18 +112,31 @@ async def _disconnect(request) -> None:
         pass
 
 
-async def event_stream(generation, chunks: Callable[[int, object], Iterable[dict]], first: Iterable[dict] = (),
-                       last: Callable[[], Iterable[dict]] = lambda: ()):
-    """SSE text: the `first` chunks, chunks(choice index, output) per output, then last(), [DONE].
-    Closing it early (client gone) aborts the generation."""
+def finish_reason(out) -> Optional[str]:
+    """OpenAI's finish_reason of an output: None until it finished, then "length" or "stop"."""
+    if not out.finished:
+        return None
+    return "length" if out.finish_reason == "length" else "stop"
+
+
+async def event_stream(generation, head: dict, choices: Dict[int, Choice], include_usage: bool,
+                       deltas: Callable[[int, object], Iterable[dict]], first: Iterable[dict] = ()):
+    """SSE text of a streamed response: the `first` choice deltas, deltas(choice index, output) for each
+    output, the usage chunk when asked, [DONE]. Each chunk carries one choice delta. Closing it early
+    (client gone) aborts the generation."""
+    def chunk(delta: dict) -> str:
+        return sse({**head, "choices": [delta], **({"usage": None} if include_usage else {})})
+
     try:
-        for payload in first:
-            yield sse(payload)
+        for delta in first:
+            yield chunk(delta)
         async for index, out in generation.outputs():
-            for payload in chunks(index, out):
-                yield sse(payload)
-        for payload in last():
-            yield sse(payload)
+            choices[index].num_tokens += len(out.token_ids)
+            for delta in deltas(index, out):
+                yield chunk(delta)
+        if include_usage:
+            total = sum(c.num_tokens for c in choices.values())
+            yield sse({**head, "choices": [], "usage": usage(generation.prompt_tokens, total)})
     except APIError as exc:
         yield sse({"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}})
     except Exception as exc:  # noqa: BLE001 - the response has started: report the failure in the stream
