@@ -6,6 +6,7 @@
     llm.generate("Once upon a time", n=5, temperature=1.0)                                   # -> 5 samples
     llm.generate("Hi", logprobs=3, return_details=True)            # -> Completion (text, ids, logprobs, ...)
     for piece in llm.stream("Once upon a time", max_new_tokens=50): print(piece, end="")
+    llm.chat([{"role": "user", "content": "Hi!"}], max_new_tokens=50)  # the checkpoint's chat template -> str
     llm.generate_tokens([[464, 2068], [818]], max_new_tokens=20, temperature=0)            # -> list[list[int]]
     params = fastlm.SamplingParams(max_new_tokens=50, temperature=0); llm.generate("Hi", params)
     llm.stats()      # kv_blocks_total, kv_blocks_free, prefix_cache_hit_tokens, preemptions, running, waiting
@@ -175,6 +176,28 @@ class LLM:
                 samples[out.index].add(out)
             results.append(samples)
         return results
+
+    def chat(self, messages: Sequence[dict], max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+             stop: Union[str, Sequence[str], None] = None, seed: Optional[int] = None,
+             chat_template: Optional[str] = None) -> str:
+        """The assistant's reply to messages ([{"role": ..., "content": ...}, ...]) rendered by the
+        checkpoint's chat template, or by chat_template (a jinja2 template string) when given; the
+        sampling options are generate()'s. The same rendering as `fastlm serve`'s chat endpoint."""
+        from fastlm.runtime.chat_template import ChatTemplate, load_chat_template, special_token_strings
+
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop or (), seed)
+        self._need_tokenizer()
+        if chat_template is not None:
+            template = ChatTemplate(chat_template, special_token_strings(self.tokenizer))
+        else:
+            template = load_chat_template(self.path, self.tokenizer)
+            if template is None:
+                raise ValueError(f"checkpoint {self.path} has no chat template (tokenizer_config.json's chat_template "
+                                 "or chat_template.jinja); pass chat_template='...'")
+        prompt = template.encode(self.tokenizer, messages)
+        check_prompt_ids([prompt], self.model.config.vocab_size, name="messages")
+        return "".join(pieces[0] for _, pieces in self._run([prompt], params, streaming=False, want_text=True))
 
     def _encode(self, texts: List[str]) -> List[List[int]]:
         self._need_tokenizer()

@@ -91,3 +91,14 @@ def test_no_template_and_invalid_ones(tmp_path):
         load_chat_template(tmp_path)
     with pytest.raises(ValueError, match="is empty"):
         ChatTemplate("   ")
+
+
+def test_llm_chat_generates_from_the_rendered_conversation(llms, checkpoints, reference_kernels):
+    llm, messages = llms["gpt2"], [{"role": "user", "content": "Once upon a time"}]
+    ids = ChatTemplate(CHATML, special_token_strings(llm.tokenizer)).encode(llm.tokenizer, messages)
+    expected = llm.tokenizer.decode(llm.generate_tokens([ids], max_new_tokens=10, temperature=0)[0])
+    assert llm.chat(messages, max_new_tokens=10, temperature=0, chat_template=CHATML) == expected
+    with pytest.raises(ValueError, match="has no chat template"):
+        llm.chat(messages)
+    with pytest.raises(ValueError, match="Conversation roles must alternate"):
+        llm.chat([{"role": "assistant", "content": "a"}], chat_template=STRICT_ALTERNATION)
