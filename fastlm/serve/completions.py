@@ -8,13 +8,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastlm.serve.errors import bad_request
 from fastlm.serve.outputs import (Choice, TokenStrings, collect, completion_logprobs, event_stream, finish_reason,
                                   usage)
-from fastlm.serve.protocol import CompletionRequest, prompt_list
+from fastlm.serve.protocol import MAX_N, CompletionRequest, prompt_list
 
 
 async def create_completion(state, request, body: CompletionRequest) -> Response:
     state.check_model(body.model)
     params = body.params()
     prompts = [_prompt_ids(state, prompt, i) for i, prompt in enumerate(prompt_list(body.prompt))]
+    if len(prompts) * params.n > MAX_N:
+        raise bad_request(f"a request may ask for at most {MAX_N} choices (prompts x n), got {len(prompts) * params.n}",
+                          "prompt")
     echoes = [_echo_text(state, p) for p in prompt_list(body.prompt)] if body.echo else None
     generation = state.generation(prompts, params)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),

@@ -13,7 +13,7 @@ from fastlm.runtime.sampling import SamplingParams
 from fastlm.serve.errors import bad_request, from_value_error
 
 MAX_LOGPROBS = 20  # OpenAI's limit for logprobs (completions) and top_logprobs (chat)
-MAX_N = 128
+MAX_N = 128  # choices per request (n, and prompts x n for completions): bounds one request's memory
 
 
 class StreamOptions(BaseModel):

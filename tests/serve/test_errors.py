@@ -64,7 +64,7 @@ def test_api_key_is_required_on_v1_routes(server, client):
     ("prompt", "", "prompt"), ("prompt", [999999], "prompt"), ("prompt", [5] * 200, "prompt"),
     ("max_tokens", "many", "max_tokens"), ("stop", [""], "stop"), ("top_k", -3, "top_k"),
     ("logit_bias", {"5": 1.0}, "logit_bias"), ("stream_options", "yes", "stream_options"),
-    ("min_tokens", 50, "min_tokens"),
+    ("min_tokens", 50, "min_tokens"), ("n", 129, "n"), ("prompt", [[5]] * 129, "prompt"),
 ])
 def test_bad_completion_values_are_400_naming_the_field(client, field, value, param):
     body = {"prompt": PROMPT, "max_tokens": 4, field: value}
