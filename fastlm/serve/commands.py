@@ -6,6 +6,7 @@ is printed once the model is loaded, and a client may connect as soon as it read
 SIGTERM: stop accepting, let running requests finish within --shutdown-timeout seconds, exit 0.
 """
 import asyncio
+import os
 import signal
 import socket
 
@@ -22,7 +23,8 @@ def add_parsers(subparsers) -> None:
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--api-key", default=os.environ.get("FASTLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $FASTLM_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
     p.add_argument("--chat-template", default=None, metavar="FILE", help="jinja2 chat template file "
                    "(default: the checkpoint's)")
