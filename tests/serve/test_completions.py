@@ -132,3 +132,18 @@ def test_extensions_and_unknown_fields(tiny_server):
     every_id = list(range(load_tokenizer(tiny_server.tokenizer_folder).vocab_size))
     stopped = _complete(client, prompt=PROMPT, max_tokens=12, temperature=0, extra_body={"stop_token_ids": every_id})
     assert (stopped.choices[0].text, stopped.choices[0].finish_reason, stopped.usage.completion_tokens) == ("", "stop", 0)
+
+
+def test_streamed_text_never_splits_a_multibyte_character(tiny_server, monkeypatch):
+    import fastlm
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the in-process reference generation: PyTorch path
+    llm = fastlm.LLM(str(tiny_server.tokenizer_folder), dtype="float32")
+    prompt = "日本語のテキスト"
+    ids = llm.generate_tokens([llm.tokenizer.encode(prompt)], max_new_tokens=30, temperature=0)[0]
+    expected = llm.tokenizer.decode(ids)  # decoded at once: every complete character intact
+    assert any(ord(c) > 127 and c != "\ufffd" for c in expected)  # the output has multi-byte characters
+    assert _complete(tiny_server.client(), prompt=prompt, max_tokens=30, temperature=0).choices[0].text == expected
+    texts, _, _, chunks = _joined_stream(tiny_server.client(), prompt=prompt, max_tokens=30, temperature=0)
+    assert texts[0] == expected  # a character split across deltas would show as U+FFFD pieces instead
+    assert len(chunks) > 5
