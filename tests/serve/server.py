@@ -89,7 +89,7 @@ def tiny_checkpoint(folder: Path, chat_template: str = None) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_server(tmp_path_factory):
     """Tiny GPT-2 with a ChatML template; a KV pool of 24 blocks of 16 tokens (4 full contexts), so
     concurrent clients queue and get preempted."""
