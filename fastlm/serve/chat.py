@@ -13,9 +13,9 @@ async def create_chat_completion(state, request, body: ChatCompletionRequest) ->
     state.check_model(body.model)
     prompt = _render(state, body)
     params = body.params(room=state.context - len(prompt))
-    generation = state.generation([prompt], params)
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
     token_strings = TokenStrings(state.tokenizer) if params.logprobs is not None else None
+    generation = state.generation([prompt], params)  # from here on, the generation must be closed on every path
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
     choices = {i: Choice(i) for i in range(generation.num_choices)}
     if body.stream:
         return StreamingResponse(_events(generation, head, choices, token_strings, body.include_usage),
@@ -28,7 +28,7 @@ async def create_chat_completion(state, request, body: ChatCompletionRequest) ->
 
 
 def _render(state, body: ChatCompletionRequest):
-    tokenizer = state.need_tokenizer("chat")
+    tokenizer = state.need_tokenizer("chat", "messages")
     if state.chat_template is None:
         raise APIError(400, "this model has no chat template (no chat_template in its tokenizer_config.json "
                             "and no chat_template.jinja); start the server with --chat-template FILE, or use "

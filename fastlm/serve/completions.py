@@ -19,18 +19,17 @@ async def create_completion(state, request, body: CompletionRequest) -> Response
         raise bad_request(f"a request may ask for at most {MAX_N} choices (prompts x n), got {len(prompts) * params.n}",
                           "prompt")
     echoes = [_echo_text(state, p) for p in prompt_list(body.prompt)] if body.echo else None
-    generation = state.generation(prompts, params)
+    token_strings = TokenStrings(state.need_tokenizer("logprobs", "logprobs")) if params.logprobs is not None else None
+    generation = state.generation(prompts, params)  # from here on, the generation must be closed on every path
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name}
-    token_strings = TokenStrings(state.tokenizer) if params.logprobs is not None else None
     choices = {i: Choice(i, echoes[i // params.n] if echoes else "") for i in range(generation.num_choices)}
     if body.stream:
         return StreamingResponse(_events(generation, head, choices, echoes, token_strings, body.include_usage),
                                  media_type="text/event-stream")
     if not await collect(generation, choices, request):
         return Response(status_code=499)  # the client is gone; nobody reads this
-    return JSONResponse({**head, "choices": [_choice_json(c, token_strings, len(echoes[c.index // params.n]) if echoes
-                                                          else 0) for c in choices.values()],
+    return JSONResponse({**head, "choices": [_choice_json(c, token_strings) for c in choices.values()],
                          "usage": usage(generation.prompt_tokens, sum(c.num_tokens for c in choices.values()))})
 
 
@@ -38,24 +37,24 @@ def _prompt_ids(state, prompt, index: int) -> List[int]:
     if isinstance(prompt, str):
         if not prompt:
             raise bad_request("prompt must not be empty", "prompt")
-        return list(state.need_tokenizer("a text prompt").encode(prompt))
+        return list(state.need_tokenizer("a text prompt", "prompt").encode(prompt))
     if not prompt:
         raise bad_request(f"prompt[{index}] must not be empty", "prompt")
     return list(prompt)
 
 
 def _echo_text(state, prompt) -> str:
-    return prompt if isinstance(prompt, str) else state.need_tokenizer("echo").decode(list(prompt))
+    return prompt if isinstance(prompt, str) else state.need_tokenizer("echo", "echo").decode(list(prompt))
 
 
-def _choice_json(choice: Choice, token_strings, echo_length: int) -> dict:
-    logprobs = completion_logprobs(choice.logprobs, token_strings, echo_length) if token_strings else None
+def _choice_json(choice: Choice, token_strings) -> dict:
+    logprobs = completion_logprobs(choice.logprobs, token_strings, choice.prefix_length) if token_strings else None
     return {"index": choice.index, "text": choice.text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
 
 
 def _events(generation, head: dict, choices, echoes, token_strings, include_usage: bool):
     n = generation.params.n
-    offsets = {i: len(echoes[i // n]) if echoes else 0 for i in choices}  # text offset of each choice's next token
+    offsets = {i: choice.prefix_length for i, choice in choices.items()}  # text offset of each choice's next token
 
     def delta(index, text, logprobs=None, reason=None):
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}

@@ -41,6 +41,7 @@ class Choice:
 
     def __init__(self, index: int, prefix: str = ""):
         self.index, self.text, self.num_tokens = index, prefix, 0
+        self.prefix_length = len(prefix)  # the echoed prompt
         self.logprobs: List = []
         self.finish_reason = None
 

@@ -32,9 +32,9 @@ class ServerState:
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'",
                            "invalid_request_error", "model", "model_not_found")
 
-    def need_tokenizer(self, what: str):
+    def need_tokenizer(self, what: str, param: str):
         if self.tokenizer is None:
-            raise APIError(400, f"this model has no tokenizer: {what} needs one", param="prompt")
+            raise APIError(400, f"this model has no tokenizer: {what} needs one", param=param)
         return self.tokenizer
 
     def generation(self, prompts: List[List[int]], params: SamplingParams) -> "Generation":
