@@ -147,3 +147,27 @@ def test_streamed_text_never_splits_a_multibyte_character(tiny_server, monkeypat
     texts, _, _, chunks = _joined_stream(tiny_server.client(), prompt=prompt, max_tokens=30, temperature=0)
     assert texts[0] == expected  # a character split across deltas would show as U+FFFD pieces instead
     assert len(chunks) > 5
+
+
+def test_metrics_count_tokens_latencies_and_prefix_hits(tiny_server):
+    client = tiny_server.client()
+    prompt = list(range(5, 45))  # 40 tokens: 2 full blocks of 16 to cache
+    before = tiny_server.metrics()
+    first = _complete(client, prompt=prompt, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    second = _complete(client, prompt=prompt, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    after = tiny_server.metrics()
+
+    def grew(name):
+        return after[name] - before.get(name, 0)
+
+    assert grew("fastlm_prompt_tokens_total") == first.usage.prompt_tokens + second.usage.prompt_tokens == 80
+    assert grew("fastlm_generation_tokens_total") == 10
+    assert grew('fastlm_requests_finished_total{finish_reason="length"}') == 2
+    assert grew("fastlm_time_to_first_token_seconds_count") == 2
+    assert grew("fastlm_inter_token_latency_seconds_count") == 8  # 4 gaps per request
+    assert grew("fastlm_prefix_cache_hit_tokens_total") == 32  # the second request reuses both full blocks
+    assert second.choices[0].text == first.choices[0].text
+    for name in ("fastlm_requests_running", "fastlm_requests_waiting", "fastlm_kv_blocks_used",
+                 "fastlm_kv_blocks_total", "fastlm_preemptions_total", 'fastlm_time_to_first_token_seconds_bucket{le="+Inf"}'):
+        assert name in after
+    assert after["fastlm_kv_blocks_used"] == 0 and after["fastlm_kv_blocks_total"] == 24
