@@ -2,10 +2,11 @@
 import time
 import uuid
 
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from fastlm.serve.errors import APIError, bad_request
-from fastlm.serve.outputs import Choice, TokenStrings, chat_logprobs, collect, event_stream, finish_reason, usage
+from fastlm.serve.outputs import (Choice, EventStreamResponse, TokenStrings, chat_logprobs, collect, event_stream,
+                                  finish_reason, usage)
 from fastlm.serve.protocol import ChatCompletionRequest
 
 
@@ -18,8 +19,7 @@ async def create_chat_completion(state, request, body: ChatCompletionRequest) ->
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
     choices = {i: Choice(i) for i in range(generation.num_choices)}
     if body.stream:
-        return StreamingResponse(_events(generation, head, choices, token_strings, body.include_usage),
-                                 media_type="text/event-stream")
+        return EventStreamResponse(_events(generation, head, choices, token_strings, body.include_usage), generation)
     if not await collect(generation, choices, request):
         return Response(status_code=499)  # the client is gone; nobody reads this
     return JSONResponse({**head, "object": "chat.completion",

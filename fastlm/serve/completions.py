@@ -3,11 +3,11 @@ import time
 import uuid
 from typing import List
 
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from fastlm.serve.errors import bad_request
-from fastlm.serve.outputs import (Choice, TokenStrings, collect, completion_logprobs, event_stream, finish_reason,
-                                  usage)
+from fastlm.serve.outputs import (Choice, EventStreamResponse, TokenStrings, collect, completion_logprobs,
+                                  event_stream, finish_reason, usage)
 from fastlm.serve.protocol import MAX_N, CompletionRequest, prompt_list
 
 
@@ -25,8 +25,8 @@ async def create_completion(state, request, body: CompletionRequest) -> Response
             "model": state.model_name}
     choices = {i: Choice(i, echoes[i // params.n] if echoes else "") for i in range(generation.num_choices)}
     if body.stream:
-        return StreamingResponse(_events(generation, head, choices, echoes, token_strings, body.include_usage),
-                                 media_type="text/event-stream")
+        events = _events(generation, head, choices, echoes, token_strings, body.include_usage)
+        return EventStreamResponse(events, generation)
     if not await collect(generation, choices, request):
         return Response(status_code=499)  # the client is gone; nobody reads this
     return JSONResponse({**head, "choices": [_choice_json(c, token_strings) for c in choices.values()],

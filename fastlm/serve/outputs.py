@@ -9,6 +9,8 @@ import json
 import math
 from typing import Callable, Dict, Iterable, List, Optional
 
+from fastapi.responses import StreamingResponse
+
 from fastlm.serve.errors import APIError
 
 LOGPROB_FLOOR = -9999.0
@@ -111,6 +113,22 @@ async def collect(generation, choices: Dict[int, Choice], request) -> bool:
 async def _disconnect(request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+class EventStreamResponse(StreamingResponse):
+    """A server-sent-events response that closes its generation however the response ends, also when
+    the client leaves before the body starts (its generator then never runs, so its finally cannot)."""
+
+    def __init__(self, events, generation):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.generation = generation
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.close()
 
 
 def finish_reason(out) -> Optional[str]:
