@@ -177,16 +177,14 @@ class LLM:
             results.append(samples)
         return results
 
-    def chat(self, messages: Sequence[dict], max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-             stop: Union[str, Sequence[str], None] = None, seed: Optional[int] = None,
-             chat_template: Optional[str] = None) -> str:
+    def chat(self, messages: Sequence[dict], params: Optional[SamplingParams] = None, *,
+             chat_template: Optional[str] = None, return_details: bool = False, **options):
         """The assistant's reply to messages ([{"role": ..., "content": ...}, ...]) rendered by the
-        checkpoint's chat template, or by chat_template (a jinja2 template string) when given; the
-        sampling options are generate()'s. The same rendering as `fastlm serve`'s chat endpoint."""
+        checkpoint's chat template, or by chat_template (a jinja2 template string) when given; options
+        as in generate (n > 1: a list of replies). The same rendering as `fastlm serve`'s chat endpoint."""
         from fastlm.runtime.chat_template import ChatTemplate, load_chat_template, special_token_strings
 
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop or (), seed)
+        params = sampling_params(params, options)
         self._need_tokenizer()
         if chat_template is not None:
             template = ChatTemplate(chat_template, special_token_strings(self.tokenizer))
@@ -195,9 +193,12 @@ class LLM:
             if template is None:
                 raise ValueError(f"checkpoint {self.path} has no chat template (tokenizer_config.json's chat_template "
                                  "or chat_template.jinja); pass chat_template='...'")
-        prompt = template.encode(self.tokenizer, messages)
-        check_prompt_ids([prompt], self.model.config.vocab_size, name="messages")
-        return "".join(pieces[0] for _, pieces in self._run([prompt], params, streaming=False, want_text=True))
+        prompt = check_prompt_ids([template.encode(self.tokenizer, messages)], self.model.config.vocab_size,
+                                  name="messages")
+        completions = self._complete(prompt, params)
+        if not return_details:
+            completions = [[c.text for c in samples] for samples in completions]
+        return shape(completions, True, params.n)
 
     def _encode(self, texts: List[str]) -> List[List[int]]:
         self._need_tokenizer()
