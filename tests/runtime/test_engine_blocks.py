@@ -114,7 +114,7 @@ def test_scheduler_preempts_the_newest_and_readmits_it_first():
 def test_scheduler_budget_and_max_num_seqs():
     m = BlockManager(num_blocks=64, block_size=4)
     sched = Scheduler(m, max_num_seqs=2, max_num_batched_tokens=10)
-    seqs = [seq(range(8), i) for i in range(3)]
+    seqs = [seq(range(10 * i, 10 * i + 8), i) for i in range(3)]
     for s in seqs:
         sched.add(s)
     step = sched.schedule()
