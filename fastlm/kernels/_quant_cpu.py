@@ -68,7 +68,7 @@ def _scaled_after(y, scale, bias):
 
 
 def int8_packed(x, weight, scale, bias):
-    y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, scale.to(x.dtype))
+    y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight.contiguous(), scale.to(x.dtype))
     return y if bias is None else y + bias.to(y.dtype)
 
 

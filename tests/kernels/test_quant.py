@@ -123,13 +123,17 @@ def test_gemm_bf16_cuda(bits):
 def test_linear_reads_strided_weight_and_scales(bits, M):
     """Views whose rows are farther apart than their width (a slice of wider tensors): the kernels follow
     the weight's row stride and the launchers compact the scales, instead of assuming contiguity."""
-    weight, *scales = _quantized(bits, 40, 96, 32)
+    _check_strided_views(bits, M, torch.float32)
+
+
+def _check_strided_views(bits, M, dtype):
+    q = _quantized(bits, 48, 96, 32)
+    weight, *scales = q
     weight_view = torch.cat((weight, torch.ones_like(weight)), dim=1)[:, : weight.shape[1]]  # rows 2x apart
     scale_views = [torch.stack((t, torch.ones_like(t)), dim=-1)[..., 0] for t in scales]  # every other value
     views = [weight_view, *scale_views]
     assert not any(v.is_contiguous() for v in views)
-    q = (weight, *scales)
-    x = torch.randn(M, 96)
+    x = torch.randn(M, 96).to(dtype)
     fn = int8_linear if bits == 8 else int4_linear
     torch.testing.assert_close(fn(x, *views), fn(x, *q))
 
@@ -224,6 +228,16 @@ def test_cpu_each_candidate_matches_reference(reference_kernels, monkeypatch, bi
     monkeypatch.setattr(_quant_cpu, "_choices", {(f"int{bits}", dtype, size): candidate for size in ("decode", "prefill")})
     for M in (3, 20):
         _check_linear(bits, M, 32, 64, dtype, group=32)
+
+
+@cpu_only
+@pytest.mark.parametrize("candidate", ["dequant", "packed"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cpu_candidates_read_strided_weight_and_scales(reference_kernels, monkeypatch, bits, candidate):
+    monkeypatch.setattr(_quant_cpu, "_choices", {(f"int{bits}", torch.bfloat16, size): candidate
+                                                 for size in ("decode", "prefill")})
+    for M in (3, 20):
+        _check_strided_views(bits, M, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------- module and errors
