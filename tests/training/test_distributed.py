@@ -151,3 +151,12 @@ def test_a_killed_rank_ends_the_others_within_the_timeout(corpus, tokenizer_dir,
     assert rank0.returncode == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fastlm train: error: another rank failed"), err[-2000:]
+
+
+def test_each_rank_takes_its_block_of_the_global_batch():
+    from fastlm.training.distributed import Distributed
+
+    batch = torch.arange(12).view(6, 2)
+    parts = [Distributed(rank, 3).shard(batch) for rank in range(3)]
+    assert torch.equal(torch.cat(parts), batch) and all(p.shape == (2, 2) for p in parts)
+    assert Distributed().shard(batch) is batch
