@@ -13,8 +13,8 @@ the embedding looks up the ids of its own vocabulary slice, zeroes the others, a
 head computes its slice of the logits and gathers them on rank 0 (the other ranks get None).
 
 A rank's model is a plain Transformer built with its local sizes (model.config: local n_head, n_kv_head,
-intermediate_size, vocab_size), in which these layers replace the projections; its KV cache therefore
-holds the local heads only. load_tensor_parallel (fastlm.model.parallel_loading) fills it from a
+intermediate_size; the vocabulary and context of the whole model), in which these layers replace the
+projections; its KV cache therefore holds the local heads only. load_tensor_parallel (fastlm.model.parallel_loading) fills it from a
 checkpoint reading only the rank's slices.
 """
 from dataclasses import dataclass, replace
@@ -67,8 +67,7 @@ class Shard:
     def local_config(self) -> ModelConfig:
         kv = self.kv_heads
         return replace(self.full, n_head=self.full.n_head // self.world_size, n_kv_head=kv[1] - kv[0],
-                       intermediate_size=self.full.intermediate_size // self.world_size,
-                       vocab_size=self.padded_vocab // self.world_size)
+                       intermediate_size=self.full.intermediate_size // self.world_size)
 
 
 def check_splittable(cfg: ModelConfig, world_size: int) -> None:
@@ -141,7 +140,8 @@ def parallelize(model, shard: Shard):
         wo, down = block.attn.wo, block.mlp.w_down
         block.attn.wo = RowParallelLinear(wo.in_features, wo.out_features, wo.bias is not None, shard)
         block.mlp.w_down = RowParallelLinear(down.in_features, down.out_features, down.bias is not None, shard)
-    model.tok_emb = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, shard)
-    model.lm_head = ParallelLMHead(cfg.dim, cfg.vocab_size, shard)
+    rows = shard.padded_vocab // shard.world_size
+    model.tok_emb = VocabParallelEmbedding(rows, cfg.dim, shard)
+    model.lm_head = ParallelLMHead(cfg.dim, rows, shard)
     model.shard = shard
     return model

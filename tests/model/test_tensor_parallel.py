@@ -1,5 +1,5 @@
 """Tensor parallelism on 2 CPU processes (gloo, 1 thread each): the logits equal the single-process
-model's within 1e-5 in fp32, without and with a KV cache, for GPT-2 with an odd vocabulary (97, padded to
+model's within 1e-5 in fp32 (full forwards, all positions and the last one only) for GPT-2 with an odd vocabulary (97, padded to
 98), a GQA Llama (4 query / 2 KV heads) and an MQA Llama (1 KV head, replicated, tied embeddings);
 each rank holds only its slices."""
 import socket
@@ -17,21 +17,16 @@ from tests.model.hf_models import VOCAB, build_hf_model
 
 MODELS = ("gpt2_untied_hd32", "llama_gqa_hd16", "llama3_tied_hd32")
 WORLD = 2
-PROMPT_LEN, DECODE_STEPS = 7, 3
 
 
 def _inputs():
     generator = torch.Generator().manual_seed(7)
-    return torch.randint(0, VOCAB, (2, PROMPT_LEN + DECODE_STEPS), generator=generator)
+    return torch.randint(0, VOCAB, (3, 11), generator=generator)
 
 
 def _run(model, ids):
-    """(logits of a full forward without cache, logits of a cached prefill + one-token decode steps)."""
-    full = model(ids)
-    cache = model.new_cache(ids.shape[0], max_seq_len=32)
-    steps = [model(ids[:, :PROMPT_LEN], cache=cache)]
-    steps += [model(ids[:, t:t + 1], cache=cache) for t in range(PROMPT_LEN, ids.shape[1])]
-    return full, None if steps[0] is None else torch.cat(steps, dim=1)
+    """(logits of every position, logits of the last position only) of full forwards."""
+    return model(ids), model(ids[:2, :5], last_only=True)
 
 
 def _worker(rank, port, folders, results):
@@ -43,8 +38,8 @@ def _worker(rank, port, folders, results):
             model = load_tensor_parallel(folder, rank=rank, world_size=WORLD, dtype=torch.float32)
             shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
             with torch.no_grad():
-                full, cached = _run(model, _inputs())
-            torch.save({"shapes": shapes, "full": full, "cached": cached}, f"{results}/{name}-{rank}.pt")
+                full, last = _run(model, _inputs())
+            torch.save({"shapes": shapes, "full": full, "last": last}, f"{results}/{name}-{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -73,15 +68,15 @@ def test_logits_equal_the_single_process_model(parallel_run, name, reference_ker
     folders, root = parallel_run
     model = Transformer.from_pretrained(folders[name], dtype=torch.float32)
     with torch.no_grad():
-        want_full, want_cached = _run(model, _inputs())
+        want_full, want_last = _run(model, _inputs())
         exact = build_hf_model(name).double()(_inputs()).logits
     got = [torch.load(root / f"{name}-{rank}.pt", weights_only=True) for rank in range(WORLD)]
     tolerance = 1e-5 * max(1.0, want_full.abs().max().item())
     torch.testing.assert_close(got[0]["full"], want_full, rtol=0, atol=tolerance)
-    torch.testing.assert_close(got[0]["cached"], want_cached, rtol=0, atol=tolerance)
+    torch.testing.assert_close(got[0]["last"], want_last, rtol=0, atol=tolerance)
     error, single_error = ((logits.double() - exact).abs().max().item() for logits in (got[0]["full"], want_full))
     assert error <= 2 * single_error + 1e-6
-    assert got[1]["full"] is None and got[1]["cached"] is None  # the logits are gathered on rank 0
+    assert got[1]["full"] is None and got[1]["last"] is None  # the logits are gathered on rank 0
 
 
 @pytest.mark.parametrize("name", MODELS)
