@@ -64,7 +64,8 @@ def run_train(args: argparse.Namespace):
     try:
         result = train(**{option.name: getattr(args, option.name) for option in fields(TrainOptions)})
     except TrainingInterrupted as stop:
-        print(f"fastlm train: {stop}", file=sys.stderr)
+        if is_main_process():  # under torchrun every rank stops at the same step; rank 0 says so
+            print(f"fastlm train: {stop}", file=sys.stderr)
         return stop.exit_code
     except RankFailed as exc:
         print(f"fastlm train: error: {exc}", file=sys.stderr)
