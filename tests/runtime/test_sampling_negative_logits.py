@@ -28,6 +28,8 @@ def test_all_negative_logits_match_transformers(options, dtype):
     theirs = hf_process(logits, input_ids, **options)
     assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
     finite = torch.isfinite(theirs)
+    # Equal up to a constant per row (the same distribution): ours are shifted so each row's best is 0.
+    ours, theirs = ours - ours.amax(-1, keepdim=True), theirs - theirs.amax(-1, keepdim=True)
     torch.testing.assert_close(ours[finite], theirs[finite], rtol=1e-6, atol=1e-6)
 
 
