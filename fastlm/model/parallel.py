@@ -14,8 +14,8 @@ head computes its slice of the logits and gathers them on rank 0 (the other rank
 
 A rank's model is a plain Transformer built with its local sizes (model.config: local n_head, n_kv_head,
 intermediate_size; the vocabulary and context of the whole model), in which these layers replace the
-projections; its KV cache therefore holds the local heads only. load_tensor_parallel (fastlm.model.parallel_loading) fills it from a
-checkpoint reading only the rank's slices.
+projections; its KV cache therefore holds the local heads only. load_tensor_parallel
+(fastlm.model.parallel_loading) fills it from a checkpoint, reading only the rank's slices.
 """
 from dataclasses import dataclass, replace
 

@@ -108,4 +108,5 @@ def _column_pieces(entry, shard: Shard):
     if len(entry.hf) == 3:  # separate q_proj, k_proj, v_proj
         return list(zip(entry.hf, ((qa * hd, qb * hd), (ka * hd, kb * hd), (ka * hd, kb * hd))))
     fused = entry.hf[0]  # GPT-2's c_attn: [q; k; v] rows
-    return [(fused, (qa * hd, qb * hd)), (fused, (q + ka * hd, q + kb * hd)), (fused, (q + kv + ka * hd, q + kv + kb * hd))]
+    return [(fused, (qa * hd, qb * hd)), (fused, (q + ka * hd, q + kb * hd)),
+            (fused, (q + kv + ka * hd, q + kv + kb * hd))]

@@ -59,7 +59,8 @@ class Distributed:
             raise ValueError(f"WORLD_SIZE > 1 but {', '.join(missing)} not set: start distributed runs with torchrun")
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if device.index is None else device.index)
+            index = int(os.environ.get("LOCAL_RANK", "0")) if device.index is None else device.index
+            device = torch.device("cuda", index)
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
@@ -140,6 +141,10 @@ class Distributed:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
+    def guard(self, what):
+        """collective_errors(what) in a distributed run (a step's gradient exchange); nothing alone."""
+        return collective_errors(what) if self.enabled else contextlib.nullcontext()
+
     @staticmethod
     def no_sync(train_model, last_micro_batch: bool):
         """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
@@ -150,11 +155,12 @@ class Distributed:
 
 @contextlib.contextmanager
 def collective_errors(what):
-    """Turn the backend's error when a peer died or timed out into one clear RankFailed."""
+    """Turn the backend's error when a peer died or timed out (gloo raises a plain RuntimeError, NCCL a
+    DistBackendError) into one clear RankFailed that keeps the reason; out-of-memory passes unchanged."""
     try:
         yield
-    except RankFailed:
+    except (RankFailed, getattr(torch, "OutOfMemoryError", RankFailed)):
         raise
     except (RuntimeError, dist.DistError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RankFailed(f"another rank failed or stopped answering while waiting for {what}: {reason}") from None
+        raise RankFailed(f"another rank failed or stopped answering while waiting for {what}: {reason}") from exc

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from fastlm.training import checkpoint as ckpt
 from fastlm.training.data import BlockSampler, load_blocks, read_text
 from fastlm.training.evaluation import autocast_context, check_block_size, eval_loss, lm_loss
-from fastlm.training.distributed import Distributed, collective_errors
+from fastlm.training.distributed import Distributed
 from fastlm.training.interrupts import StopRequests, TrainingDiverged, TrainingInterrupted
 from fastlm.training.model_setup import build_model_and_tokenizer, make_optimizer
 from fastlm.training.options import TrainOptions, autocast_dtype
@@ -66,8 +66,8 @@ class Trainer:
         if opts.eval is not None:
             read_text(opts.eval, "eval")
         self.resume_from = ckpt.find_resume_checkpoint(opts.out, opts.resume) if opts.resume else None
-        self.out = self.dist.on_main(lambda: prepare_out(opts.out, resume=bool(opts.resume),
-                                                                 overwrite=opts.overwrite))
+        self.out = self.dist.on_main(  # only rank 0 creates and checks --out; the others get its answer
+            lambda: prepare_out(opts.out, resume=bool(opts.resume), overwrite=opts.overwrite))
         self.model, self.tokenizer = self.dist.main_first(build_model_and_tokenizer, opts, self.out,
                                                           self.resume_from, self.device)
         self.state = self._initial_state()
@@ -138,14 +138,14 @@ class Trainer:
     def _loop(self, stop):
         cfg, opts = self.run_cfg, self.opts
         tokens_per_step = cfg["batch_size"] * cfg["grad_accum"] * cfg["block_size"]
-        bar = tqdm(total=cfg["total_steps"], initial=self.state["step"], disable=not (opts.progress and self.dist.is_main),
-                   unit="step", dynamic_ncols=True, desc="train")
+        bar = tqdm(total=cfg["total_steps"], initial=self.state["step"], unit="step", dynamic_ncols=True,
+                   desc="train", disable=not (opts.progress and self.dist.is_main))
         loss_sum = torch.zeros((), device=self.device)
         window, last_loss, tokens_run = 0, None, 0
         watch = _Stopwatch(self.device)
         self._first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         while self.state["step"] < cfg["total_steps"]:
-            with collective_errors("the gradients"):
+            with self.dist.guard("the gradients"):
                 lr = self._train_step(self.state["step"], loss_sum)
             self.state["step"] += 1
             self.state["tokens"] += tokens_per_step

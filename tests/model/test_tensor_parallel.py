@@ -1,6 +1,6 @@
 """Tensor parallelism on 2 CPU processes (gloo, 1 thread each): the logits equal the single-process
-model's within 1e-5 in fp32 (full forwards, all positions and the last one only) for GPT-2 with an odd vocabulary (97, padded to
-98), a GQA Llama (4 query / 2 KV heads) and an MQA Llama (1 KV head, replicated, tied embeddings);
+model's within 1e-5 in fp32 (full forwards, all positions and the last one only) for GPT-2 with an odd
+vocabulary (97, padded to 98), a GQA Llama (4 query / 2 KV heads) and an MQA Llama (1 KV head, replicated, tied embeddings);
 each rank holds only its slices."""
 import socket
 from datetime import timedelta

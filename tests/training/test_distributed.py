@@ -148,9 +148,12 @@ def test_a_killed_rank_ends_the_others_within_the_timeout(corpus, tokenizer_dir,
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
-    assert rank0.returncode == 1
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fastlm train: error: another rank failed"), err[-2000:]
+    # Usually the failed collective raises and the command prints one line (exit 1); gloo's I/O thread can
+    # also see the reset first and abort the process (SIGABRT, seen once in ~20 runs on a loaded machine).
+    assert rank0.returncode in (1, -signal.SIGABRT), err[-3000:]
+    if rank0.returncode == 1:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("fastlm train: error: another rank failed"), err[-2000:]
 
 
 def test_each_rank_takes_its_block_of_the_global_batch():
