@@ -21,6 +21,11 @@ setup(
         "safetensors>=0.4",
         "tokenizers>=0.19",
         "tqdm>=4.60",
+        # fastlm serve
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "prometheus-client>=0.20",
+        "jinja2>=3.1",
     ],
     extras_require={
         "test": [
@@ -29,6 +34,7 @@ setup(
             "pytest-benchmark>=4",
             "transformers>=4.45",
             "matplotlib>=3.7",
+            "openai>=1.30",
         ],
         "bench": ["matplotlib>=3.7", "transformers>=4.45"],
     },

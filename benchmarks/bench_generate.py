@@ -46,6 +46,13 @@ def save_random_checkpoint(family: str, kwargs: dict, folder: str) -> str:
     return folder
 
 
+def random_checkpoints(configs: dict, names, folder: str):
+    """(name, checkpoint folder) for each config (only those in `names` unless it is empty), built in folder."""
+    for name, (family, kwargs) in configs.items():
+        if not names or name in names:
+            yield name, save_random_checkpoint(family, kwargs, os.path.join(folder, name))
+
+
 def bench_checkpoint(name, folder, device, dtypes, batch_sizes, prompt_len, new_tokens, repeats, read_gbs):
     import transformers as tf
 
@@ -101,10 +108,7 @@ def main(argv=None):
     print(" ".join(f"{h:>{w}}" for h, (_, w) in zip(HEADER, COLUMNS)))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (family, kwargs) in configs.items():
-            if args.models and name not in args.models:
-                continue
-            folder = save_random_checkpoint(family, kwargs, os.path.join(tmp, name))
+        for name, folder in random_checkpoints(configs, args.models, tmp):
             rows += bench_checkpoint(name, folder, device, args.dtypes, args.batch_sizes, prompt_len, new_tokens,
                                      repeats, read_gbs)
     for row in rows:

@@ -28,9 +28,13 @@ from benchmarks.common import measure_copy_bandwidth, measure_matmul_flops  # no
 BENCHMARKS = {
     "bench_norms": [],
     "bench_attention": [],
+    "bench_paged_attention": ["--quick"],
     "bench_generate": [],
+    "bench_quant": [],
+    "bench_throughput": ["--requests", "64"],
 }
-BUDGET_S = {"tests": 240, "bench_norms": 80, "bench_attention": 100, "bench_generate": 120}
+BUDGET_S = {"tests": 240, "bench_norms": 80, "bench_attention": 100, "bench_paged_attention": 60,
+            "bench_generate": 120, "bench_quant": 150, "bench_throughput": 150}
 
 
 def environment(device: str) -> dict:

@@ -5,7 +5,8 @@ projects taking only the kernels never pay for (or depend on) the rest.
 """
 __version__ = "0.1.0"
 
-_LAZY = {"LLM": "fastlm.runtime.llm", "train": "fastlm.training", "evaluate": "fastlm.training"}
+_LAZY = {"LLM": "fastlm.runtime.llm", "SamplingParams": "fastlm.runtime.sampling", "Engine": "fastlm.runtime.engine",
+         "train": "fastlm.training", "evaluate": "fastlm.training"}
 
 
 def __getattr__(name):

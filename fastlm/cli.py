@@ -1,4 +1,4 @@
-"""The `fastlm` command: generate, bench, train, eval.
+"""The `fastlm` command: generate, bench, serve, train, eval, quantize.
 
 Each subcommand lives beside the code it drives and registers itself here through
 `add_parsers(subparsers)` (one function per module, returning nothing); the parser's `func(args)` runs
@@ -11,7 +11,8 @@ it. Whatever happens, the command prints at most one line on stderr, never a tra
 import sys
 
 # module path -> it defines add_parsers(subparsers) registering its subcommands
-COMMAND_MODULES = ["fastlm.runtime.commands", "fastlm.training.commands"]
+COMMAND_MODULES = ["fastlm.runtime.commands", "fastlm.serve.commands", "fastlm.training.commands",
+                   "fastlm.model.commands"]
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 

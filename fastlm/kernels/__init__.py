@@ -7,13 +7,15 @@ under the interpreter when TRITON_INTERPRET=1; FASTLM_KERNELS=reference forces t
 Layout: one family per public file over a private kernel module; imports run one way, at module top:
 
     __init__.py, patch.py          the package API; patch() for transformers models
-      -> norms.py, attention.py    public family files, read top to bottom: PyTorch references, custom ops
+      -> norms.py, attention.py, quant.py
+                                   public family files, read top to bottom: PyTorch references, custom ops
                                    (torch.library: fake + autograd, calling a launcher or the reference),
                                    public functions (validation, docstring), nn.Modules
-        -> _norm.py, _flash.py, _decode.py
+        -> _norm.py, _flash.py, _decode.py, _quant.py
                                    private kernel modules: header docstring (math, shapes, limits), the
                                    @triton.jit kernels, their launch configurations and host launchers
                                    (launch_*), and LAUNCHES: the configurations compile_check builds
+           _quant_cpu.py           the quantized linears' CPU paths (PyTorch's packed kernels, timed)
           -> _utils.py             dispatch rule (use_triton), argument checks, launch helpers, Launch
     compile_check.py               ahead-of-time compile of every module in its KERNEL_MODULES
 
@@ -24,10 +26,16 @@ its reference, op and public function in a public file; it imports only downward
 (underscored) name from another module: private modules export their launchers without an underscore.
 """
 from fastlm.kernels.attention import attention_ref, decode_attention, flash_attention
+from fastlm.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
 from fastlm.kernels.norms import LayerNorm, RMSNorm, layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
 from fastlm.kernels.patch import PatchReport, patch
+from fastlm.kernels.quant import (QuantLinear, dequantize_int4, dequantize_int8, int4_linear, int8_linear,
+                                  quantize_int4, quantize_int8)
 
 __all__ = [
     "LayerNorm", "RMSNorm", "layer_norm", "layer_norm_ref", "rms_norm", "rms_norm_ref",
-    "attention_ref", "flash_attention", "decode_attention", "patch", "PatchReport",
+    "attention_ref", "flash_attention", "decode_attention",
+    "paged_decode_attention", "paged_prefill_attention", "patch", "PatchReport",
+    "quantize_int8", "quantize_int4", "dequantize_int8", "dequantize_int4", "int8_linear", "int4_linear",
+    "QuantLinear",
 ]

@@ -156,6 +156,8 @@ class Launch:
     num_stages: int = 3
     fp32: tuple = ()  # pointer parameters that are fp32 whatever `dtype` is (statistics, partial sums)
     int32: tuple = ()  # pointer parameters to int32 values (lengths)
+    int8: tuple = ()  # pointer parameters to int8 values (quantized weights)
+    uint8: tuple = ()  # pointer parameters to uint8 values (packed 4-bit weights)
     mma: bool = False  # tensor-core instructions (HMMA / HGMMA) expected in the SASS
     targets: tuple = (80, 90)  # the archs whose launcher picks this configuration
     tag: str = ""  # what tells this configuration apart in the report, e.g. "D=128,128x64"

@@ -1,10 +1,10 @@
 """Ahead-of-time compile of every Triton kernel in fastlm.kernels, with no GPU and no driver.
 
 Each private kernel module lists, as data, the configurations its launchers really use: `LAUNCHES`, a
-list of fastlm.kernels._utils.Launch (kernel, dtype, constexprs, warps, stages, fp32/int32 pointers,
-tensor cores expected, archs). A kernel module joins the check with one line in KERNEL_MODULES.
+list of fastlm.kernels._utils.Launch (kernel, dtype, constexprs, warps, stages, fp32/int32/int8/uint8
+pointers, tensor cores expected, archs). A kernel module joins the check with one line in KERNEL_MODULES.
 `spec()` below is the one place that turns a Launch into a Triton signature, by the house naming rule:
-UPPERCASE parameters are pointers (of the launch's dtype unless listed as fp32/int32), `eps` and
+UPPERCASE parameters are pointers (of the launch's dtype unless listed as fp32/int32/int8/uint8), `eps` and
 `*scale` are fp32 scalars, every other parameter an i32; pointers and strides carry the 16-divisibility
 the runtime specializes them on. For each spec and target (sm_80, sm_90) we compile to a cubin and read
 `cuobjdump --dump-resource-usage`
@@ -26,11 +26,13 @@ import subprocess
 import sys
 import tempfile
 
-from fastlm.kernels import _decode, _flash, _norm  # the kernel modules this check builds
+from fastlm.kernels import _decode, _flash, _norm, _paged, _quant  # the kernel modules this check builds
 
-KERNEL_MODULES = [module.__name__ for module in (_norm, _flash, _decode)]
+KERNEL_MODULES = [module.__name__ for module in (_norm, _flash, _decode, _paged, _quant)]
 TARGETS = (80, 90)
-POINTER_TYPES = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "int32": "*i32"}
+POINTER_TYPES = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "int32": "*i32", "int8": "*i8",
+                 "uint8": "*u8"}
+_POINTER_KINDS = {"fp32": "float32", "int32": "int32", "int8": "int8", "uint8": "uint8"}  # Launch field -> dtype
 
 
 @dataclasses.dataclass
@@ -110,7 +112,8 @@ def spec(launch) -> KernelSpec:
         if arg in launch.constexprs:
             signature[arg] = "constexpr"
         elif arg.isupper():
-            dtype = "float32" if arg in launch.fp32 else "int32" if arg in launch.int32 else _dtype_name(launch.dtype)
+            dtype = next((d for field, d in _POINTER_KINDS.items() if arg in getattr(launch, field)),
+                         _dtype_name(launch.dtype))
             signature[arg] = POINTER_TYPES[dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif arg == "eps" or arg.endswith("scale"):

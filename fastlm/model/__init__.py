@@ -1,10 +1,11 @@
-"""fastlm.model: ModelConfig, the decoder Transformer (GPT-2 and Llama families), KVCache,
-HF checkpoint loading/saving and tokenizer loading. Never imports transformers."""
-from fastlm.model.cache import KVCache
+"""fastlm.model: ModelConfig, the decoder Transformer (GPT-2 and Llama families), AttentionMetadata
+(one step over a paged KV pool), HF checkpoint loading/saving and tokenizer loading. Never imports
+transformers."""
+from fastlm.model.attention_metadata import AttentionMetadata
 from fastlm.model.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from fastlm.model.transformer import Transformer
 
-__all__ = ["ModelConfig", "Transformer", "KVCache", "load_tokenizer", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["ModelConfig", "Transformer", "AttentionMetadata", "load_tokenizer", "SUPPORTED_MODEL_TYPES"]
 
 
 def __getattr__(name):

@@ -41,6 +41,10 @@ class CheckpointFiles:
         handle = self._handle(self.file_of(name))
         return tuple(handle[name].shape) if isinstance(handle, dict) else handle.shape(name)
 
+    def dtype(self, name) -> torch.dtype:
+        handle = self._handle(self.file_of(name))
+        return handle[name].dtype if isinstance(handle, dict) else handle.entries[name][0]
+
     def copy_into(self, name, out: torch.Tensor, transpose=False):
         """Copy tensor `name` (transposed if asked) into out, converting dtype/device as out requires."""
         handle = self._handle(self.file_of(name))

@@ -5,7 +5,8 @@ checkpoint tensor is checked (names and shapes, from the safetensors headers) be
 read, then each parameter is allocated once in the target dtype/device, its HF tensors are read into it
 (fused q/k/v and gate/up parts into row blocks, GPT-2 Conv1D transposed), and it is assigned into the
 model with `load_state_dict(assign=True)`. Any problem raises one error naming the file or tensor; a model is
-returned only when every parameter was loaded."""
+returned only when every parameter was loaded. A checkpoint in fastlm's quantized format
+(fastlm.model.quantize) gets QuantLinear layers whose integer weights and fp32 scales load as stored."""
 import json
 import os
 from pathlib import Path
@@ -15,6 +16,8 @@ from safetensors.torch import save_file
 
 from fastlm.model.checkpoint_files import open_checkpoint
 from fastlm.model.config import ModelConfig
+from fastlm.model.quantize import (QuantConfig, parse_quantize, prepare_quantized, quantize_model, quantized_entries,
+                                   read_quant_config)
 from fastlm.model.weight_map import IGNORED_HF, hf_shapes, normalize_hf_name, weight_map
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -34,29 +37,37 @@ def resolve_dtype(dtype, checkpoint_dtype=None) -> torch.dtype:
     return dtype
 
 
-def load_pretrained(cls, path, dtype=None, device=None):
+def load_pretrained(cls, path, dtype=None, device=None, quantize=None):
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {folder}")
+    if quantize is not None:
+        return _load_quantizing(cls, folder, dtype, device, quantize)
     cfg = ModelConfig.from_hf(folder)
     dtype = resolve_dtype(dtype, cfg.torch_dtype)
     device = torch.device("cpu" if device is None else device)
+    quant_config = read_quant_config(folder)
     with torch.device("meta"):
         model = cls(cfg)
-    entries = weight_map(cfg)
+        if quant_config is not None:
+            prepare_quantized(model, quant_config)
+    entries = model_weight_map(model)
     with open_checkpoint(folder) as ckpt:
         names = {normalize_hf_name(cfg, n): n for n in ckpt.names}  # normalized -> name in the file
         _check_names_and_shapes(cfg, entries, model, ckpt, names)
-        shapes = {n: p.shape for n, p in model.named_parameters(remove_duplicate=False)}
+        params = dict(model.named_parameters(remove_duplicate=False))
+        targets = dict(params, **dict(model.named_buffers()))
         state = {}
         for entry in entries:  # each parameter allocated once, its HF parts copied into row blocks
-            tensor = torch.empty(shapes[entry.ours], dtype=dtype, device=device)
+            # parameters take the requested dtype; quantized buffers (int weights, fp32 scales) keep theirs
+            tensor = torch.empty(targets[entry.ours].shape, device=device,
+                                 dtype=dtype if entry.ours in params else targets[entry.ours].dtype)
             for hf_name, rows in zip(entry.hf, tensor.split(list(entry.sizes), dim=0)):
                 ckpt.copy_into(names[hf_name], rows, transpose=entry.transpose)
             state[entry.ours] = tensor
     model.load_state_dict(state, strict=False, assign=True)
     del state
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear):  # a quantized head has its own weights
         model.lm_head.weight = model.tok_emb.weight
     if model.rotary is not None:
         model.rotary.reset(device)
@@ -66,12 +77,38 @@ def load_pretrained(cls, path, dtype=None, device=None):
     return model.eval()
 
 
+def model_weight_map(model):
+    """weight_map of the model's config, with the quantized layers' tensors when it has any."""
+    entries = weight_map(model.config)
+    return entries if getattr(model, "quant_config", None) is None else quantized_entries(entries, model)
+
+
+def _load_quantizing(cls, folder, dtype, device, quantize):
+    """Quantize while loading (`quantize`: "int8", "int4", "int4-g32", ... or a QuantConfig). The weights are
+    quantized as the checkpoint stores them (its own dtype), exactly as `fastlm quantize` does, so both
+    give the same model; then the float tensors left take `dtype`."""
+    qcfg = quantize if isinstance(quantize, QuantConfig) else parse_quantize(quantize)
+    stored = read_quant_config(folder)
+    if stored is not None:
+        if stored != qcfg:
+            raise ValueError(f"checkpoint {folder} is already quantized ({stored.name}, quantize_head="
+                             f"{stored.quantize_head}); load it without quantize= (asked for {qcfg.name})")
+        return load_pretrained(cls, folder, dtype, device)
+    model = quantize_model(load_pretrained(cls, folder, None, device), qcfg)
+    target = resolve_dtype(dtype, model.config.torch_dtype)
+    for p in model.parameters():
+        p.data = p.data.to(target)
+    return model
+
+
 def _check_names_and_shapes(cfg, entries, model, ckpt, names):
-    ours = dict(model.named_parameters(remove_duplicate=False))
-    expected = {}
+    ours = dict(model.named_parameters(remove_duplicate=False), **dict(model.named_buffers()))
+    expected, integer = {}, {}
     for entry in entries:
         for hf_name, shape in zip(entry.hf, hf_shapes(entry, ours[entry.ours].shape)):
             expected[hf_name] = shape
+            if not ours[entry.ours].is_floating_point():
+                integer[hf_name] = ours[entry.ours].dtype
     missing = [n for n in expected if n not in names]
     if missing:
         raise ValueError(f"checkpoint {ckpt.describe()} is missing tensor(s) {_few(missing)} "
@@ -86,6 +123,11 @@ def _check_names_and_shapes(cfg, entries, model, ckpt, names):
         if got != tuple(shape):
             raise ValueError(f"tensor {names[hf_name]!r} in {ckpt.file_of(names[hf_name])} has shape {got}, "
                              f"expected {tuple(shape)} from config.json")
+    for hf_name, want in integer.items():  # quantized weights: a float tensor would be silently cast
+        got = ckpt.dtype(names[hf_name])
+        if got != want:
+            raise ValueError(f"tensor {names[hf_name]!r} in {ckpt.file_of(names[hf_name])} has dtype {got}, expected "
+                             f"{want} for the quantization_config in config.json")
 
 
 def _few(names, n=5):
@@ -95,9 +137,9 @@ def _few(names, n=5):
 
 def hf_state_dict(model):
     """The model's weights under HF names and layouts (each tensor its own contiguous CPU copy)."""
-    ours = dict(model.named_parameters(remove_duplicate=False))
+    ours = dict(model.named_parameters(remove_duplicate=False), **dict(model.named_buffers()))
     out = {}
-    for entry in weight_map(model.config):
+    for entry in model_weight_map(model):
         tensor = ours[entry.ours].detach()
         for hf_name, part in zip(entry.hf, tensor.split(list(entry.sizes), dim=0)):
             part = part.t() if entry.transpose else part
@@ -114,6 +156,8 @@ def save_pretrained(model, out_dir):
     hf_config = model.config.to_hf()
     dtype_name = str(model.dtype).replace("torch.", "")
     hf_config.update(dtype=dtype_name, torch_dtype=dtype_name)
+    if getattr(model, "quant_config", None) is not None:
+        hf_config["quantization_config"] = model.quant_config.to_json()
     weights = out / "model.safetensors"
     save_file(hf_state_dict(model), str(weights), metadata={"format": "pt"})
     os.chmod(weights, 0o666 & ~_umask())  # safetensors creates it 0600; give it the mode of the other files

@@ -2,10 +2,13 @@
 
     sampling.py    SamplingParams (validated), logits processing, on-device sampling
     text.py        incremental detokenization, stop strings
-    generate.py    prefill -> decode steps -> stop: TokenLoop (ragged batches, host-read policy)
-    cuda_graph.py  the decode step captured in a CUDA graph (GPU)
+    prompts.py     prompt validation
+    engine/        the engine: paged KV pool, scheduler (continuous batching, chunked prefill,
+                   preemption), prefix cache, per-request sampling, the background step loop
+    cuda_graph.py  pure-decode engine steps replayed from CUDA graphs per batch bucket (GPU)
     cpu_linear.py  oneDNN-prepacked linear layers (CPU)
-    llm.py         the Python API, fastlm.LLM
+    results.py     Completion (return_details=True) and the shapes of results
+    llm.py         the Python API, fastlm.LLM, on the engine
     commands.py    `fastlm generate` and `fastlm bench`
     bench.py       speed measurement shared by `fastlm bench` and benchmarks/bench_generate.py
 

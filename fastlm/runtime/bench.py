@@ -2,24 +2,25 @@
 
 Used by `fastlm bench` and benchmarks/bench_generate.py. Prompts are random ids, decoding is greedy and
 ignores eos (every row runs the full length), so both engines do the same work.
-- fastlm: prefill = prefill() of the batch into a fresh cache (B x prompt_len tokens); decode = the
-  decode steps with sampling (B tokens per step), each timed as a whole.
+- fastlm: B requests submitted to a fresh engine (prefix caching off, so repeats recompute everything):
+  prefill = the first step, which prefills all B prompts (B x prompt_len tokens) and samples their first
+  tokens; decode = the new_tokens decode steps after it (B tokens per step), each timed as a whole.
 - transformers: generate() with a streamer noting the time of each step: prefill = up to the first new
   token (it includes generate's setup, which is part of what a user waits for), decode = the N steps
   after it.
 Weight bytes per step: every parameter a decode step reads (linear layers, norms, the lm_head), not
-the input embedding table (it reads B rows of it) nor learned positions.
+the input embedding table (it reads B rows of it) nor learned positions; quantized layers count their
+integer weights and scales.
 """
 import statistics
 import time
 
 import torch
 
-from fastlm.runtime.cuda_graph import make_decode_step
-from fastlm.runtime.generate import prefill
-from fastlm.runtime.sampling import SamplingParams, next_tokens
-
-_GREEDY = SamplingParams(temperature=0)
+from fastlm.kernels.quant import QuantLinear
+from fastlm.runtime.engine import Engine
+from fastlm.runtime.engine.kv_pool import bytes_per_token
+from fastlm.runtime.sampling import SamplingParams
 
 
 def weight_bytes_per_step(model) -> int:
@@ -28,7 +29,8 @@ def weight_bytes_per_step(model) -> int:
     if getattr(model, "pos_emb", None) is not None:
         skip.add(id(model.pos_emb.weight))
     seen, total = set(), 0
-    for p in model.parameters():
+    quantized = [b for m in model.modules() if isinstance(m, QuantLinear) for b in m.buffers()]
+    for p in list(model.parameters()) + quantized:
         if id(p) in skip or id(p) in seen:
             continue
         seen.add(id(p))
@@ -52,30 +54,34 @@ def _median_seconds(fn, device, repeats):
     return statistics.median(times)
 
 
-@torch.no_grad()
+def bench_engine(model, batch_size: int, length: int, **options) -> Engine:
+    """An engine for batch_size sequences of `length` tokens, no prefix caching (repeats recompute)."""
+    block = 16
+    memory = batch_size * -(-length // block) * block * bytes_per_token(model)
+    options = dict(dict(max_num_seqs=batch_size, kv_cache_memory=memory, enable_prefix_caching=False), **options)
+    return Engine(model, block_size=block, **options)
+
+
 def fastlm_speed(model, batch_size: int, prompt_len: int, new_tokens: int, repeats: int = 3) -> dict:
-    """{'prefill_tok_s', 'decode_tok_s'} of fastlm's runtime (median of `repeats`, after a warmup)."""
-    device = model.device
+    """{'prefill_tok_s', 'decode_tok_s'} of fastlm's engine (median of `repeats`, after a warmup)."""
     prompts = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len)).tolist()
-    cache = model.new_cache(batch_size, prompt_len + new_tokens)
-    step = make_decode_step(model, cache)
+    engine = bench_engine(model, batch_size, prompt_len + new_tokens + 1,
+                          max_num_batched_tokens=batch_size * prompt_len)
+    params = SamplingParams(max_new_tokens=new_tokens + 1, temperature=0, ignore_eos=True)
 
-    def run_prefill():
-        cache.reset()
-        return next_tokens(prefill(model, cache, prompts), _GREEDY)
+    def run():
+        for p in prompts:
+            engine.add_request(p, params)
+        t0 = time.perf_counter()
+        engine.step()  # every prompt prefilled, first tokens sampled (read back: synchronized)
+        t1 = time.perf_counter()
+        while engine.has_unfinished():
+            engine.step()
+        return t1 - t0, time.perf_counter() - t1
 
-    def run_decode():
-        cache.seqlens.fill_(prompt_len)
-        tok = first
-        for _ in range(new_tokens):
-            tok = next_tokens(step(tok), _GREEDY)
-        return tok
-
-    first = run_prefill()
-    run_decode()  # warmup
-    prefill_s = _median_seconds(run_prefill, device, repeats)
-    first = run_prefill()
-    decode_s = _median_seconds(run_decode, device, repeats)
+    run()  # warmup
+    times = [run() for _ in range(repeats)]
+    prefill_s, decode_s = (statistics.median(t[i] for t in times) for i in (0, 1))
     return {"prefill_tok_s": batch_size * prompt_len / prefill_s, "decode_tok_s": batch_size * new_tokens / decode_s}
 
 

@@ -9,6 +9,7 @@ from fastlm.model.validation import check_int
 from fastlm.runtime.sampling import SamplingParams
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
+QUANTIZE_CHOICES = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128")
 
 
 def add_parsers(subparsers) -> None:
@@ -20,6 +21,8 @@ def _add_model_args(parser) -> None:
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="default: the checkpoint's")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                        help="weight-only quantized linear layers (int4 = groups of 128 columns)")
 
 
 def _add_generate(subparsers) -> None:
@@ -46,7 +49,7 @@ def run_generate(args) -> int:
                    stop=args.stop, seed=args.seed)
     SamplingParams(**options)  # fail before loading the model
     check_text_prompts(args.prompt)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     if args.no_stream:
         print(llm.generate(args.prompt, **options))
         return 0
@@ -76,7 +79,7 @@ def run_bench(args) -> int:
         check_int(name, getattr(args, name), 1)
     for batch in args.batch_size:
         check_int("batch_size", batch, 1)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     context = llm.model.config.max_seq_len
     if args.prompt_len + args.new_tokens > context:
         raise ValueError(f"prompt_len + new_tokens ({args.prompt_len + args.new_tokens}) exceeds the model's "

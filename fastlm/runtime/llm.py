@@ -1,17 +1,26 @@
-"""fastlm.LLM: the Python API.
+"""fastlm.LLM: the Python API, on the engine (fastlm.runtime.engine).
 
     llm = fastlm.LLM("path/to/checkpoint", dtype="bfloat16")
     llm.generate("Once upon a time", max_new_tokens=50, temperature=0.8, top_p=0.95, seed=0)  # -> str
     llm.generate(["first prompt", "second"], max_new_tokens=50)                              # -> list[str]
+    llm.generate("Once upon a time", n=5, temperature=1.0)                                   # -> 5 samples
+    llm.generate("Hi", logprobs=3, return_details=True)            # -> Completion (text, ids, logprobs, ...)
     for piece in llm.stream("Once upon a time", max_new_tokens=50): print(piece, end="")
+    llm.chat([{"role": "user", "content": "Hi!"}], max_new_tokens=50)  # the checkpoint's chat template -> str
     llm.generate_tokens([[464, 2068], [818]], max_new_tokens=20, temperature=0)            # -> list[list[int]]
+    params = fastlm.SamplingParams(max_new_tokens=50, temperature=0); llm.generate("Hi", params)
+    llm.stats()      # kv_blocks_total, kv_blocks_free, prefix_cache_hit_tokens, preemptions, running, waiting
+
+Every call submits one request per prompt to the LLM's engine, whose step loop runs on one background
+thread (EngineLoop): any number of threads and interleaved generators can share one LLM, each getting
+exactly the output it would get alone (greedy; seeded sampling too, as each request has its own
+generator). Sampling options are SamplingParams' fields, given as keywords or as one SamplingParams.
 
 Context rule: a prompt must leave room to generate (prompt tokens < the model's context, else
-ValueError); max_new_tokens is clipped so that the longest prompt of the call plus its new tokens fit
-the context (generation then ends early, as at max_new_tokens).
+ValueError); each prompt's max_new_tokens is clipped so that it plus the prompt fit the context
+(generation then ends early, as at max_new_tokens, with finish_reason "length").
 """
-from contextlib import closing
-from dataclasses import replace
+import dataclasses
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Union
 
@@ -21,10 +30,15 @@ from fastlm.model.devices import resolve_device
 from fastlm.model.json_files import eos_id_list, read_json_object
 from fastlm.model.model_path import resolve_model_path
 from fastlm.runtime.cpu_linear import pack_linears, packing_available
-from fastlm.runtime.generate import TokenLoop, check_prompt_ids, default_sync_every, new_token_budget
+from fastlm.runtime.engine import Engine
+from fastlm.runtime.engine.background import EngineLoop
+from fastlm.runtime.prompts import check_prompt_ids
+from fastlm.runtime.results import Completion, shape
 from fastlm.runtime.sampling import SamplingParams
-from fastlm.runtime.text import SequenceText
-from fastlm.runtime.workspaces import WorkspacePool
+
+ENGINE_OPTIONS = ("block_size", "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs",
+                  "max_num_batched_tokens", "enable_prefix_caching", "cuda_graphs")
+SAMPLING_OPTIONS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 
 
 def check_text_prompts(prompt) -> List[str]:
@@ -40,72 +54,151 @@ def check_text_prompts(prompt) -> List[str]:
     return list(prompts)
 
 
-class LLM:
-    """A checkpoint loaded for generation: `model` (fastlm.model.Transformer) and `tokenizer`."""
+def sampling_params(params: Optional[SamplingParams], options: dict) -> SamplingParams:
+    """The one SamplingParams of a call: `params`, or one built from keyword options (not both)."""
+    if params is not None:
+        if options:
+            raise ValueError(f"pass sampling options either as a SamplingParams or as keywords, not both "
+                             f"(got params and {sorted(options)})")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a fastlm.SamplingParams, got {type(params).__name__}")
+        return params
+    unknown = sorted(set(options) - set(SAMPLING_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown sampling option(s) {unknown}; the options are {list(SAMPLING_OPTIONS)}")
+    return SamplingParams(**options)
 
-    def __init__(self, model: Optional[Union[str, Path]] = None, dtype=None, device=None):
+
+class LLM:
+    """A checkpoint loaded for generation: `model` (fastlm.model.Transformer), `tokenizer`, `engine`
+    (fastlm.Engine) and `engine_loop` (the background thread that steps it; submit through it from
+    threads or asyncio, see fastlm.runtime.engine.background). Engine options (block_size,
+    kv_cache_memory, gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, enable_prefix_caching,
+    cuda_graphs) pass through as keywords.
+    quantize: None, "int8" or "int4" (also "int4-g32" / "-g64" / "-g128"): weight-only quantized linear
+    layers (fastlm.model.quantize). A checkpoint written by `fastlm quantize` loads quantized as it is."""
+
+    def __init__(self, model: Optional[Union[str, Path]] = None, dtype=None, device=None, quantize=None,
+                 **engine_options):
         from fastlm.model import Transformer, load_tokenizer
 
+        unknown = sorted(set(engine_options) - set(ENGINE_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown engine option(s) {unknown}; the options are {list(ENGINE_OPTIONS)}")
         path = resolve_model_path(model)
         self.path = path
-        self.model = Transformer.from_pretrained(path, dtype=dtype, device=resolve_device(device))
+        self.model = Transformer.from_pretrained(path, dtype=dtype, device=resolve_device(device), quantize=quantize)
         if packing_available(self.model.dtype, self.model.device):
             pack_linears(self.model)  # CPU: weights prepacked for oneDNN (see cpu_linear.py)
         vocab = self.model.config.vocab_size
         self.tokenizer = load_tokenizer(path, model_vocab_size=vocab) if _has_tokenizer(path) else None
-        self.eos_token_ids = tuple(self.tokenizer.eos_token_ids or ()) if self.tokenizer else _config_eos_ids(path)
-        self._workspaces = WorkspacePool(self.model)  # one KV cache per live call (threads, interleaved streams)
+        eos = tuple(self.tokenizer.eos_token_ids or ()) if self.tokenizer else _config_eos_ids(path)
+        # a vocabulary padded beyond the tokenizer's: the padding ids are never sampled
+        sample_vocab = self.tokenizer.vocab_size if self.tokenizer else None
+        self.engine = Engine(self.model, eos, self.tokenizer, vocab_size=sample_vocab, **engine_options)
+        self.engine_loop = EngineLoop(self.engine)
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
-    def generate(self, prompt: Union[str, Sequence[str]], max_new_tokens: int = 64, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                 stop: Union[str, Sequence[str], None] = None, seed: Optional[int] = None):
-        """New text for one prompt (-> str) or a batch (-> list[str]); the prompt is not repeated.
-        temperature 0 is greedy; top_k 0 / top_p 1 / min_p 0 / repetition_penalty 1 switch those off.
-        Ends at eos, at a stop string (it and what follows are dropped), or after max_new_tokens
-        (clipped to the context, see the module docstring)."""
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop, seed)
-        texts = check_text_prompts(prompt)
-        outputs = [[] for _ in texts]
-        with closing(self._run(self._encode(texts), params, streaming=False, want_text=True)) as run:
-            for _, pieces in run:
-                for row, piece in enumerate(pieces):
-                    outputs[row].append(piece)
-        results = ["".join(parts) for parts in outputs]
-        return results[0] if isinstance(prompt, str) else results
+    @property
+    def eos_token_ids(self) -> tuple:
+        return self.engine.eos_token_ids
 
-    def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-               stop: Union[str, Sequence[str], None] = None, seed: Optional[int] = None) -> Iterator[str]:
-        """Like generate for one prompt, yielding the text as it is produced (pieces join to generate's)."""
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop, seed)
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids) -> None:
+        self.engine.eos_token_ids = tuple(ids)
+
+    def stats(self) -> dict:
+        """The engine's counters: kv_blocks_total, kv_blocks_free, block_size, prefix_cache_hit_tokens,
+        preemptions, running and waiting sequences."""
+        return self.engine.stats()
+
+    def generate(self, prompt: Union[str, Sequence[str]], params: Optional[SamplingParams] = None, *,
+                 return_details: bool = False, **options):
+        """New text for one prompt (-> str) or a batch (-> list[str]); the prompt is not repeated.
+        Options: SamplingParams' fields (max_new_tokens=64, temperature=1.0 (0 = greedy), top_k, top_p,
+        min_p, repetition_penalty, presence_penalty, frequency_penalty, stop, stop_token_ids,
+        min_new_tokens, ignore_eos, seed, n, logprobs) or one SamplingParams. Ends at eos, at a stop
+        string (it and what follows are dropped), or after max_new_tokens. n > 1: a list of n samples
+        per prompt. return_details=True: Completion objects (fastlm.runtime.results) instead of str."""
+        params = sampling_params(params, options)
+        texts = check_text_prompts(prompt)
+        completions = self._complete(self._encode(texts), params)
+        if not return_details:
+            completions = [[c.text for c in samples] for samples in completions]
+        return shape(completions, isinstance(prompt, str), params.n)
+
+    def stream(self, prompt: str, params: Optional[SamplingParams] = None, **options) -> Iterator[str]:
+        """Like generate for one prompt (n = 1), yielding the text as it is produced (pieces join to
+        generate's). Leaving the loop early stops the request."""
+        params = sampling_params(params, options)
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string for stream(), got {type(prompt).__name__}")
-        prompt_ids = self._encode(check_text_prompts(prompt))
-        with closing(self._run(prompt_ids, params, streaming=True, want_text=True)) as run:
-            for _, pieces in run:  # closing: an abandoned stream gives its workspace back at once
-                if pieces[0]:
-                    yield pieces[0]
+        if params.n != 1:
+            raise ValueError(f"stream() yields one sample: n must be 1, got {params.n} (use generate)")
+        request = self.engine_loop.stream(self._encode(check_text_prompts(prompt))[0], params)
+        return _text_pieces(request)
 
-    def generate_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
-                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                        repetition_penalty: float = 1.0, stop: Union[str, Sequence[str], None] = None,
-                        seed: Optional[int] = None) -> List[List[int]]:
-        """New token ids per prompt (eos excluded). With stop strings, a row's ids end with the token
-        that completed the stop string (text cannot be cut inside a token)."""
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop, seed)
+    def generate_tokens(self, prompts: Sequence[Sequence[int]], params: Optional[SamplingParams] = None, *,
+                        return_details: bool = False, **options):
+        """New token ids per prompt (eos excluded), options as in generate. With stop strings, a row's
+        ids end with the token that completed the stop string (text cannot be cut inside a token)."""
+        params = sampling_params(params, options)
         prompts = check_prompt_ids(prompts, self.model.config.vocab_size)
         if params.stop:
             self._need_tokenizer()
-        outputs = [[] for _ in prompts]
-        with closing(self._run(prompts, params, streaming=False, want_text=bool(params.stop))) as run:
-            for ids, _ in run:
-                for row, new in enumerate(ids):
-                    outputs[row].extend(new)
-        return outputs
+        completions = self._complete(prompts, params)
+        if not return_details:
+            completions = [[c.token_ids for c in samples] for samples in completions]
+        return shape(completions, False, params.n)
+
+    def close(self) -> None:
+        """Stop the engine's background thread (also done when the LLM is garbage collected)."""
+        self.engine_loop.shutdown()
+
+    def __del__(self):
+        loop = getattr(self, "engine_loop", None)
+        if loop is not None:
+            loop.shutdown(wait=False)  # the thread holds the engine (model, KV pool): let it end
+
+    def _complete(self, prompts: List[List[int]], params: SamplingParams) -> List[List[Completion]]:
+        """Submit every prompt at once (they run together), then collect each one's n Completions."""
+        for p in prompts:  # all checked before any runs
+            self.engine.check_request(p, params)
+        requests = [self.engine_loop.stream(p, params) for p in prompts]
+        results = []
+        for request in requests:
+            samples = [Completion("", [], logprobs=[] if params.logprobs is not None else None)
+                       for _ in range(params.n)]
+            for out in request:
+                samples[out.index].add(out)
+            results.append(samples)
+        return results
+
+    def chat(self, messages: Sequence[dict], params: Optional[SamplingParams] = None, *,
+             chat_template: Optional[str] = None, return_details: bool = False, **options):
+        """The assistant's reply to messages ([{"role": ..., "content": ...}, ...]) rendered by the
+        checkpoint's chat template, or by chat_template (a jinja2 template string) when given; options
+        as in generate (n > 1: a list of replies). The same rendering as `fastlm serve`'s chat endpoint."""
+        from fastlm.runtime.chat_template import ChatTemplate, load_chat_template, special_token_strings
+
+        params = sampling_params(params, options)
+        self._need_tokenizer()
+        if chat_template is not None:
+            template = ChatTemplate(chat_template, special_token_strings(self.tokenizer))
+        else:
+            template = load_chat_template(self.path, self.tokenizer)
+            if template is None:
+                raise ValueError(f"checkpoint {self.path} has no chat template (tokenizer_config.json's chat_template "
+                                 "or chat_template.jinja); pass chat_template='...'")
+        prompt = check_prompt_ids([template.encode(self.tokenizer, messages)], self.model.config.vocab_size,
+                                  name="messages")
+        completions = self._complete(prompt, params)
+        if not return_details:
+            completions = [[c.text for c in samples] for samples in completions]
+        return shape(completions, True, params.n)
 
     def _encode(self, texts: List[str]) -> List[List[int]]:
         self._need_tokenizer()
@@ -120,20 +213,14 @@ class LLM:
             raise ValueError(f"checkpoint {self.path} has no tokenizer (tokenizer.json or vocab.json + merges.txt); "
                              "text and stop strings need one, generate_tokens() works without")
 
-    def _run(self, prompts, params: SamplingParams, streaming: bool, want_text: bool):
-        """Yields (new ids per row, new text per row) as generation proceeds; the text lists are
-        empty strings when want_text is False. Holds its own workspace until it ends or is closed."""
-        budget = new_token_budget([len(p) for p in prompts], params.max_new_tokens, self.model.config.max_seq_len)
-        params = replace(params, max_new_tokens=budget)
-        with self._workspaces.checkout(len(prompts), max(len(p) for p in prompts) + budget) as (cache, step):
-            loop = TokenLoop(self.model, cache, step, prompts, params, self.eos_token_ids,
-                             sync_every=default_sync_every(cache.device, streaming),
-                             vocab_size=self.tokenizer.vocab_size if self.tokenizer else None)
-            texts = [SequenceText(self.tokenizer, p, params.stop) for p in prompts] if want_text else None
-            for chunk in loop:
-                yield (chunk, [""] * len(chunk)) if texts is None else _add_text(loop, texts, chunk)
-        if texts is not None:
-            yield [[] for _ in prompts], [t.finish() for t in texts]
+
+def _text_pieces(request) -> Iterator[str]:
+    try:
+        for out in request:
+            if out.text:
+                yield out.text
+    finally:
+        request.close()  # a consumer that stops early aborts the request
 
 
 def _has_tokenizer(path: Path) -> bool:
@@ -147,21 +234,3 @@ def _config_eos_ids(path: Path) -> tuple:
         if eos:
             return tuple(eos)
     return ()
-
-
-def _add_text(loop: TokenLoop, texts: List[SequenceText], chunk: List[List[int]]):
-    """Feed each row's new ids to its text; a completed stop string ends the row (loop.finish) and
-    cuts its ids after the completing token."""
-    ids_out, pieces = [], []
-    for row, ids in enumerate(chunk):
-        kept, parts = [], []
-        for token in ids:
-            kept.append(token)
-            piece, stopped = texts[row].add(token)
-            parts.append(piece)
-            if stopped:
-                loop.finish(row)
-                break
-        ids_out.append(kept)
-        pieces.append("".join(parts))
-    return ids_out, pieces

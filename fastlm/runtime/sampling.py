@@ -33,6 +33,14 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 1 discourages tokens already present; 1 = off
     stop: Sequence[str] = ()  # strings that end a sequence (not returned)
     seed: Optional[int] = None  # seeds sampling; None = nondeterministic
+    # The engine's options (fastlm.runtime.engine), also taken by LLM.generate/stream/generate_tokens:
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence of a token already generated
+    stop_token_ids: Sequence[int] = ()  # ids that end a sequence like eos (not returned)
+    min_new_tokens: int = 0  # eos and stop_token_ids are masked out until this many tokens exist
+    ignore_eos: bool = False  # keep generating past eos (benchmarks)
+    n: int = 1  # independent samples of the prompt (they share its KV blocks)
+    logprobs: Optional[int] = None  # per new token: its log-probability and the top `logprobs` ones
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -40,6 +48,9 @@ class SamplingParams:
         if self.stop is not None and not isinstance(self.stop, (list, tuple)):
             raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         self.stop = tuple(self.stop or ())
+        if not isinstance(self.stop_token_ids, (list, tuple)):
+            raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+        self.stop_token_ids = tuple(self.stop_token_ids)
         check_int("max_new_tokens", self.max_new_tokens, 1)
         check_number("temperature", self.temperature, 0)
         check_int("top_k", self.top_k, 0)
@@ -47,9 +58,28 @@ class SamplingParams:
         check_number("min_p", self.min_p, 0, 1)
         check_number("repetition_penalty", self.repetition_penalty, 0, min_open=True)
         check_seed("seed", self.seed, optional=True)
+        self._check_engine_options()
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must be a string or a list of non-empty strings, got {s!r}")
+
+    def _check_engine_options(self):
+        for name in ("presence_penalty", "frequency_penalty"):
+            check_number(name, getattr(self, name), -2, 2)
+        for t in self.stop_token_ids:
+            check_int("stop_token_ids", t, 0)
+        check_int("min_new_tokens", self.min_new_tokens, 0)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        check_int("n", self.n, 1)
+        check_int("logprobs", self.logprobs, 0, optional=True)
+
+    @property
+    def penalized(self) -> bool:
+        """True when the logits depend on the tokens seen so far."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:

@@ -19,6 +19,8 @@ LAUNCHED_KERNELS = {
     "fastlm.kernels._norm": {"_norm_fwd", "_norm_fwd_chunked", "_norm_bwd", "_norm_bwd_chunked"},
     "fastlm.kernels._flash": {"_attn_fwd", "_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq"},
     "fastlm.kernels._decode": {"_decode_split", "_decode_combine"},
+    "fastlm.kernels._quant": {"_int8_gemv", "_int8_gemm", "_int4_gemv", "_int4_gemm"},
+    "fastlm.kernels._paged": {"_paged_decode_split", "_paged_prefill"},
 }
 
 

@@ -5,6 +5,7 @@ import torch
 from fastlm.model import Transformer
 from tests.compare import assert_close_by_rule
 from tests.model.hf_models import CONFIGS, VOCAB, build_hf_model, hf_classes, rel_err
+from tests.model.paged_steps import PagedRows
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +57,18 @@ def test_bf16_logits_within_comparison_rule(name, checkpoints, reference_kernels
 @pytest.mark.parametrize("name", ["gpt2_tied_hd16", "llama_gqa_hd16"])
 def test_triton_kernels_under_interpreter(name, checkpoints):
     """End to end through the real Triton kernels (the default test env runs them in the interpreter):
-    a no-cache forward; then through a cache: a prefill (flash), a second prefill attending to the
-    first through strided cache slices (flash), a 3-token and a 1-token step (decode)."""
+    a whole-sequence forward (flash); then steps over a paged pool: a prefill, a second prefill over the
+    first's cached blocks, a 3-token chunk (paged prefill) and a 1-token step (paged decode)."""
     folder, hf = checkpoints(name)
     model = Transformer.from_pretrained(folder)
     ids = random_batch(2, 22)
     with torch.no_grad():
         expected = hf(ids).logits
         full = model(ids)
-        cache = model.new_cache(2, 24)
-        stepped = torch.cat([model(ids[:, a:b], cache=cache) for a, b in ((0, 9), (9, 18), (18, 21), (21, 22))], dim=1)
+        rows = PagedRows(model, 2, 22, block_size=16)
+        steps = [rows.step({0: ids[0, a:b].tolist(), 1: ids[1, a:b].tolist()})
+                 for a, b in ((0, 9), (9, 18), (18, 21), (21, 22))]
+        stepped = torch.stack([torch.cat([s[r] for s in steps]) for r in (0, 1)])
     assert rel_err(full, expected) <= 1e-4
     assert rel_err(stepped, expected) <= 1e-4
 
@@ -81,5 +84,3 @@ def test_mistral_sliding_window_caps_context(tmp_path, reference_kernels):
         assert rel_err(model(ids), hf(ids).logits) <= 1e-4
     with pytest.raises(ValueError, match="max_seq_len"):
         model(random_batch(1, 13))
-    with pytest.raises(ValueError, match="max_seq_len"):
-        model.new_cache(1, 13)

@@ -5,8 +5,9 @@ from torch import nn
 
 from fastlm.model import Transformer
 from fastlm.runtime.cpu_linear import PackedLinear, pack_linears, packing_available
-from fastlm.runtime.generate import generate_ids
+from fastlm.runtime.engine import Engine
 from fastlm.runtime.sampling import SamplingParams
+from tests.runtime.engine_util import generate
 
 
 def _if_packing(dtype):
@@ -45,4 +46,4 @@ def test_packed_model_generates_like_the_plain_one(checkpoints, reference_kernel
     assert set(packed.state_dict()) == keys
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [40, 41, 42]]
     params = SamplingParams(max_new_tokens=12, temperature=0)
-    assert generate_ids(packed, prompts, params) == generate_ids(plain, prompts, params)
+    assert generate(Engine(packed), prompts, params) == generate(Engine(plain), prompts, params)

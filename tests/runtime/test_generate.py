@@ -118,7 +118,7 @@ def test_max_new_tokens_is_clipped_to_the_context(llms, reference_kernels, monke
     llm = llms["gpt2"]
     monkeypatch.setattr(llm, "eos_token_ids", ())
     out = llm.generate_tokens([[3] * (CONTEXT - 5), [4, 5]], max_new_tokens=50, temperature=0)
-    assert [len(ids) for ids in out] == [5, 5]
+    assert [len(ids) for ids in out] == [5, 50]  # each prompt's own room, whatever else runs beside it
 
 
 def test_end_to_end_on_the_interpreter_kernels(llms, checkpoints):

@@ -1,0 +1,133 @@
+"""CPU paths of the quantized linears: PyTorch's packed weight-only kernels, or dequantize + F.linear.
+
+Candidates per call, x (M, K) 2-D:
+  - "packed": torch.ops.aten._weight_int8pack_mm(x, weight int8, scale in x's dtype), and for int4
+    _weight_int4pack_mm_for_cpu(x, packed, G, scales_and_zeros (Kp/G, N, 2)) on the weight repacked once by
+    _convert_weight_to_int4pack_for_cpu (cached per weight tensor, see _int4_packed). They exist in recent
+    PyTorch only (probed at run time) and the int4 one wants N % 16 == 0.
+  - "dequant": the weight dequantized to x's dtype, then F.linear; for int8 in bf16 instead
+    F.linear with the integers converted to x's dtype (exact) and the per-channel scale applied to its
+    output in fp32: a plain conversion is ~5x faster than torch's mixed int8 x fp32 multiply, and the
+    matmul then costs what the bf16 one does (prefill).
+Which is faster depends on the CPU and the activations' dtype: on the development machine (AMD EPYC,
+avx512_bf16, 1 thread, a 2304 x 768 weight) the packed kernels took 43-46 us for one bf16 row against
+109 us for a bf16 F.linear and ~500 us for dequantize + linear, but 1.2-4.7 ms for one fp32 row, and
+5.7-6.9 ms for 128 bf16 rows against 1.6 ms dequantized. So the choice is timed: the first call for a
+(format, dtype, decode or prefill size) runs every candidate a few times on its own inputs and keeps
+the fastest for the rest of the process (`choices()` shows them).
+"""
+import statistics
+import time
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+DECODE_MAX_ROWS = 16
+_REPEATS = 3
+_choices = {}  # (format, dtype, "decode" | "prefill") -> candidate name
+_int4_cache = {}  # id(packed weight) -> (weakrefs to packed/scale/zero, their versions, dtype, converted tensors)
+
+
+def choices() -> dict:
+    """The decisions made so far in this process: {(format, dtype, size class): candidate}."""
+    return dict(_choices)
+
+
+def _op(name):
+    try:
+        return getattr(torch.ops.aten, name)
+    except (AttributeError, RuntimeError):  # older PyTorch: the op does not exist
+        return None
+
+
+def int8_packed_available() -> bool:
+    return _op("_weight_int8pack_mm") is not None
+
+
+def int4_packed_available(n_out: int) -> bool:
+    return (n_out % 16 == 0 and _op("_weight_int4pack_mm_for_cpu") is not None
+            and _op("_convert_weight_to_int4pack_for_cpu") is not None)
+
+
+def int8_linear_cpu(x, weight, scale, bias, dequantize):
+    """dequantize: fastlm.kernels.quant.dequantize_int8 (the one definition of the format)."""
+    if x.dtype != torch.bfloat16:  # fp16: x @ q.T (|q| <= 127) could overflow before the scale
+        candidates = {"dequant": lambda: F.linear(x, dequantize(weight, scale, x.dtype), _cast(bias, x))}
+    else:
+        candidates = {"dequant": lambda: _scaled_after(F.linear(x, weight.to(x.dtype)), scale, bias)}
+    if int8_packed_available() and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        candidates["packed"] = lambda: int8_packed(x, weight, scale, bias)
+    return _fastest("int8", x, candidates)()
+
+
+def _scaled_after(y, scale, bias):
+    """(y * scale + bias) computed in fp32, returned in y's dtype."""
+    out = y.float() * scale.float()
+    return (out if bias is None else out + bias.float()).to(y.dtype)
+
+
+def int8_packed(x, weight, scale, bias):
+    y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight.contiguous(), scale.to(x.dtype))
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def int4_linear_cpu(x, weight, scale, zero, bias, dequantize):
+    """dequantize: fastlm.kernels.quant.dequantize_int4."""
+    candidates = {"dequant": lambda: F.linear(x, dequantize(weight, scale, zero, x.shape[1], x.dtype), _cast(bias, x))}
+    if int4_packed_available(weight.shape[0]) and x.dtype in (torch.float32, torch.bfloat16):
+        candidates["packed"] = lambda: int4_packed(x, weight, scale, zero, bias)
+    return _fastest("int4", x, candidates)()
+
+
+def int4_packed(x, weight, scale, zero, bias):
+    packed, scales_zeros = _int4_packed(weight, scale, zero, x.dtype)
+    Kp = 2 * weight.shape[1]
+    x = F.pad(x, (0, Kp - x.shape[1])) if x.shape[1] != Kp else x.contiguous()
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, Kp // scale.shape[1], scales_zeros)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def _cast(bias, x):
+    return None if bias is None else bias.to(x.dtype)
+
+
+def _int4_packed(weight, scale, zero, dtype):
+    """(_convert_weight_to_int4pack_for_cpu(q), scales_and_zeros (Kp/G, N, 2) in dtype), built once per
+    weight tensor and dtype; rebuilt when the tensors change in place (their versions) or are freed."""
+    key = id(weight)
+    tensors = (weight, scale, zero)
+    hit = _int4_cache.get(key)
+    if hit is not None:
+        refs, versions, cached_dtype, value = hit
+        if all(r() is t for r, t in zip(refs, tensors)) and versions == [t._version for t in tensors] \
+                and cached_dtype == dtype:
+            return value
+    q = torch.stack((weight & 15, weight >> 4), dim=2).view(weight.shape[0], -1).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    scales_zeros = torch.stack((scale.t(), zero.t()), dim=2).to(dtype).contiguous()
+    value = (packed, scales_zeros)
+    refs = [weakref.ref(t, lambda _, k=key: _int4_cache.pop(k, None)) for t in tensors]
+    _int4_cache[key] = (refs, [t._version for t in tensors], dtype, value)
+    return value
+
+
+def _fastest(fmt, x, candidates):
+    """The candidate chosen for (fmt, x's dtype, x's size class), timing them all on the first call."""
+    key = (fmt, x.dtype, "decode" if x.shape[0] <= DECODE_MAX_ROWS else "prefill")
+    if key not in _choices:
+        if len(candidates) == 1:
+            _choices[key] = next(iter(candidates))
+        else:
+            _choices[key] = min(candidates, key=lambda name: _median_seconds(candidates[name]))
+    return candidates.get(_choices[key], candidates["dequant"])
+
+
+def _median_seconds(fn):
+    fn()  # warm up (and the int4 repacking)
+    times = []
+    for _ in range(_REPEATS):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

@@ -1,0 +1,339 @@
+"""Paged attention (decode and varlen prefill over a block pool) against an fp64 reference on the dense
+K/V the pool was built from, by the comparison rule; the same K/V laid out with different block sizes
+gives the same output. Physical blocks are placed at random, unused table entries hold junk, and free
+pool slots hold NaN, so reading anything but the row's own tokens shows."""
+import pytest
+import torch
+
+from fastlm.kernels import paged_decode_attention, paged_prefill_attention
+from fastlm.kernels._paged import paged_decode_config
+from fastlm.kernels._decode import decode_splits
+from tests.compare import assert_close_by_rule
+from tests.kernels.test_attention import ATOL, ON_CUDA, attention_plain, poisoned_outputs  # noqa: F401
+
+
+def make_pool(dense, lengths, block_size, tables=None):
+    """Lay dense (B, S, Hkv, D) out as a pool (num_blocks, block_size, Hkv, D) -> (pool, tables): each row's
+    first lengths[b] tokens in randomly placed blocks, tables int32 (B, max_blocks) with junk past the used
+    entries, free slots NaN. With tables given (another tensor's layout), only the pool is new."""
+    B, S = dense.shape[:2]
+    used = [-(-length // block_size) for length in lengths]
+    if tables is None:
+        tables = torch.randint(-3, 1000, (B, -(-S // block_size) + 1), dtype=torch.int32)  # junk
+        rows = torch.arange(B).repeat_interleave(torch.tensor(used))
+        cols = torch.cat([torch.arange(n) for n in used])
+        tables[rows, cols] = torch.randperm(sum(used) + 2)[: len(rows)].to(torch.int32)  # 2 blocks no row owns
+    n_blocks = sum(used) + 2
+    pool = torch.full((n_blocks, block_size) + dense.shape[2:], float("nan"), dtype=dense.dtype)
+    slots = pool.view(n_blocks * block_size, *dense.shape[2:])
+    for b, length in enumerate(lengths):
+        p = torch.arange(length)
+        slots[tables[b, p // block_size].long() * block_size + p % block_size] = dense[b, :length]
+    return pool, tables
+
+
+def dense_kv(B, S, Hkv, D, dtype):
+    return torch.randn(B, S, Hkv, D, dtype=dtype), torch.randn(B, S, Hkv, D, dtype=dtype)
+
+
+def run_decode(q, k, v, lengths, block_size, scale=None):
+    k_cache, tables = make_pool(k, lengths, block_size)
+    v_cache, _ = make_pool(v, lengths, block_size, tables)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    return paged_decode_attention(q, k_cache, v_cache, tables, seqlens, softmax_scale=scale)
+
+
+def check_decode(case, dtype, block_size, scale=None):
+    """case = (Sq, Hq, Hkv, D, lengths); returns the output for cross-layout comparisons."""
+    Sq, Hq, Hkv, D, lengths = case
+    B, S = len(lengths), max(lengths)
+    q = torch.randn(B, Sq, Hq, D, dtype=dtype)
+    k, v = dense_kv(B, S, Hkv, D, dtype)
+    out = run_decode(q, k, v, lengths, block_size, scale)
+    seqlens = torch.tensor(lengths)
+    args = dict(causal=True, scale=scale, q_positions=seqlens[:, None] - Sq + torch.arange(Sq), k_lengths=seqlens)
+    ref = attention_plain(q.double(), k.double(), v.double(), **args)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close_by_rule(out, ref, attention_plain(q, k, v, **args), atol=ATOL[dtype])
+    return out
+
+
+def run_prefill(q, k, v, q_lens, k_lens, block_size, scale=None):
+    """q (total_q, Hq, D) packed; k, v dense (B, S, Hkv, D) laid out as a pool."""
+    k_cache, tables = make_pool(k, k_lens, block_size)
+    v_cache, _ = make_pool(v, k_lens, block_size, tables)
+    cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return paged_prefill_attention(q, k_cache, v_cache, tables, cu, torch.tensor(k_lens, dtype=torch.int32),
+                                   softmax_scale=scale)
+
+
+def prefill_reference(q, k, v, q_lens, k_lens, scale=None):
+    """Row by row with attention_plain (bottom-right causal), in q's dtype."""
+    out, start = [], 0
+    for b, (q_len, k_len) in enumerate(zip(q_lens, k_lens)):
+        if q_len:
+            rows = q[None, start: start + q_len]
+            out.append(attention_plain(rows, k[b: b + 1, :k_len], v[b: b + 1, :k_len], True, scale)[0])
+        start += q_len
+    return torch.cat(out)
+
+
+def check_prefill(case, dtype, block_size, scale=None):
+    """case = (Hq, Hkv, D, q_lens, k_lens)."""
+    Hq, Hkv, D, q_lens, k_lens = case
+    q = torch.randn(sum(q_lens), Hq, D, dtype=dtype)
+    k, v = dense_kv(len(k_lens), max(k_lens), Hkv, D, dtype)
+    out = run_prefill(q, k, v, q_lens, k_lens, block_size, scale)
+    ref = prefill_reference(q.double(), k.double(), v.double(), q_lens, k_lens, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close_by_rule(out, ref, prefill_reference(q, k, v, q_lens, k_lens, scale), atol=ATOL[dtype])
+    return out
+
+
+# (Sq, Hq, Hkv, D, lengths): GQA 1/4/8 and MQA, ragged lengths including 1 (or Sq), odd head dims
+DECODE_CASES = [
+    (1, 4, 1, 32, [1, 40, 17]),
+    (1, 8, 2, 80, [33, 33]),
+    (4, 8, 1, 64, [4, 29]),
+    (8, 16, 2, 128, [35, 8, 9]),
+    (3, 6, 6, 40, [5, 21]),
+]
+# (Hq, Hkv, D, q_lens, k_lens): whole prompts (q_len == k_len, including 1), chunks over a cached prefix,
+# one query, an empty row
+PREFILL_CASES = [
+    (4, 1, 32, [7, 1, 13, 1], [7, 30, 40, 1]),
+    (8, 2, 80, [20, 0, 5], [20, 3, 37]),
+    (2, 2, 64, [33], [33]),
+    (8, 1, 128, [3, 16], [19, 16]),
+    (2, 1, 32, [3, 17, 0, 1, 33, 16, 2, 5, 9], [5, 17, 4, 1, 40, 16, 30, 5, 12]),  # many rows: the tile search
+]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The references (the CPU path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_decode_reference(case, dtype, reference_kernels):
+    check_decode(case, dtype, block_size=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", PREFILL_CASES)
+def test_prefill_reference(case, dtype, reference_kernels):
+    check_prefill(case, dtype, block_size=16)
+
+
+@pytest.mark.parametrize("case", DECODE_CASES[:4])
+def test_decode_reference_block_size_1_vs_16(case, reference_kernels):
+    outs = []
+    for block_size in (1, 16, 7):
+        torch.manual_seed(1)
+        outs.append(check_decode(case, torch.float32, block_size))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[2], outs[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", PREFILL_CASES[:2])
+def test_prefill_reference_block_size_1_vs_16(case, reference_kernels):
+    outs = []
+    for block_size in (1, 16):
+        torch.manual_seed(1)
+        outs.append(check_prefill(case, torch.float32, block_size))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_reference_softmax_scale(reference_kernels):
+    check_decode((2, 4, 2, 32, [9, 3]), torch.float32, 4, scale=0.3)
+    check_prefill((4, 2, 32, [5, 2], [9, 2]), torch.float32, 4, scale=0.3)
+
+
+@pytest.mark.skipif(ON_CUDA, reason="the CPU reference's scratch buffers (CUDA runs the kernels, no autograd)")
+def test_reference_scratch_is_not_saved_for_backward(reference_kernels):
+    """The CPU reference reuses gather buffers across calls, except under autograd: a second call before
+    the first backward must not change the first gradient."""
+    lengths, D = [9, 30], 32
+    k, v = dense_kv(2, 30, 2, D, torch.float32)
+    k_cache, tables = make_pool(k, lengths, 4)
+    v_cache, _ = make_pool(v, lengths, 4, tables)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    q = torch.randn(2, 1, 4, D, requires_grad=True)
+    out = paged_decode_attention(q, k_cache, v_cache, tables, seqlens)
+    paged_decode_attention(torch.randn(2, 1, 4, D), k_cache.flip(0), v_cache.flip(0), tables, seqlens)
+    (dq,) = torch.autograd.grad(out.sum(), q)
+    q64 = q.detach().double().requires_grad_()
+    positions = seqlens[:, None].long() - 1
+    ref = attention_plain(q64, k.double(), v.double(), True, q_positions=positions, k_lengths=seqlens)
+    (dq64,) = torch.autograd.grad(ref.sum(), q64)
+    torch.testing.assert_close(dq, dq64.float(), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _decode_args(**changes):
+    args = dict(q=torch.randn(2, 1, 4, 32), k_cache=torch.randn(6, 4, 2, 32), v_cache=torch.randn(6, 4, 2, 32),
+                block_tables=torch.tensor([[0, 1], [2, 3]], dtype=torch.int32),
+                seqlens=torch.tensor([3, 8], dtype=torch.int32))
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(seqlens=torch.tensor([3, 8])), "seqlens must have dtype"),
+    (dict(seqlens=torch.tensor([3], dtype=torch.int32)), "seqlens must have 2 rows"),
+    (dict(seqlens=torch.tensor([0, 8], dtype=torch.int32)), "seqlens must be in"),
+    (dict(seqlens=torch.tensor([3, 9], dtype=torch.int32)), "seqlens must be in"),
+    (dict(block_tables=torch.tensor([[0, 1], [2, 3]])), "block_tables must have dtype"),
+    (dict(block_tables=torch.tensor([0, 1], dtype=torch.int32)), "block_tables must have 2 dimensions"),
+    (dict(block_tables=torch.tensor([[0, 1], [2, 6]], dtype=torch.int32)), r"block_tables\[1, 1\] = 6"),
+    (dict(block_tables=torch.tensor([[-1, 1], [2, 3]], dtype=torch.int32)), r"block_tables\[0, 0\] = -1"),
+    (dict(q=torch.randn(2, 9, 4, 32)), "1..8 queries"),
+    (dict(q=torch.randn(2, 4, 4, 32)), "seqlens must be in"),
+    (dict(q=torch.randn(2, 1, 3, 32)), "multiple of k_cache heads"),
+    (dict(q=torch.randn(2, 1, 4, 16)), "head dim"),
+    (dict(v_cache=torch.randn(6, 4, 2, 32, dtype=torch.float16)), "v_cache must have the same dtype"),
+    (dict(v_cache=torch.randn(6, 8, 2, 32)), "v_cache must have the shape"),
+    (dict(q=torch.randn(2, 4, 32)), "q must have 4 dimensions"),
+])
+def test_decode_bad_inputs(changes, match):
+    with pytest.raises(ValueError, match=match):
+        paged_decode_attention(**_decode_args(**changes))
+
+
+def test_decode_ignores_junk_past_the_used_blocks(reference_kernels):
+    args = _decode_args(block_tables=torch.tensor([[0, -7], [2, 3]], dtype=torch.int32))  # row 0 uses 1 block
+    assert torch.isfinite(paged_decode_attention(**args)).all()
+
+
+def _prefill_args(**changes):
+    args = dict(q=torch.randn(5, 4, 32), k_cache=torch.randn(6, 4, 2, 32), v_cache=torch.randn(6, 4, 2, 32),
+                block_tables=torch.tensor([[0, 1], [2, 3]], dtype=torch.int32),
+                cu_seqlens_q=torch.tensor([0, 2, 5], dtype=torch.int32),
+                seqlens_k=torch.tensor([3, 8], dtype=torch.int32))
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(cu_seqlens_q=torch.tensor([0, 2, 5])), "cu_seqlens_q must have dtype"),
+    (dict(cu_seqlens_q=torch.tensor([0, 5], dtype=torch.int32)), "cu_seqlens_q must have 3 rows"),
+    (dict(cu_seqlens_q=torch.tensor([1, 2, 5], dtype=torch.int32)), "cu_seqlens_q must rise from 0"),
+    (dict(cu_seqlens_q=torch.tensor([0, 2, 4], dtype=torch.int32)), "total_q=5"),
+    (dict(cu_seqlens_q=torch.tensor([0, 6, 5], dtype=torch.int32)), "cu_seqlens_q must rise"),
+    (dict(seqlens_k=torch.tensor([1, 8], dtype=torch.int32)), "seqlens_k must be in"),
+    (dict(seqlens_k=torch.tensor([3, 9], dtype=torch.int32)), "seqlens_k must be in"),
+    (dict(seqlens_k=torch.tensor([3, 8])), "seqlens_k must have dtype"),
+    (dict(block_tables=torch.tensor([[0, 1]], dtype=torch.int32)), "block_tables must have 2 rows"),
+    (dict(block_tables=torch.tensor([[9, 1], [2, 3]], dtype=torch.int32)), "is not a block of the pool"),
+    (dict(q=torch.randn(5, 4, 64)), "head dim"),
+    (dict(q=torch.randn(1, 5, 4, 32)), "q must have 3 dimensions"),
+    (dict(k_cache=torch.randn(6, 4, 2, 32).double()), "k_cache must have dtype"),
+])
+def test_prefill_bad_inputs(changes, match):
+    with pytest.raises(ValueError, match=match):
+        paged_prefill_attention(**_prefill_args(**changes))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Triton kernels (the interpreter on CPU; compiled with FASTLM_TEST_DEVICE=cuda)
+
+TRITON_DTYPES = [torch.float32, torch.float16]  # bf16 tl.dot: on a GPU only (below)
+needs_cuda = pytest.mark.skipif(not ON_CUDA, reason="the interpreter cannot do bf16 arithmetic in tl.dot "
+                                                    "(triton#11584)")
+
+
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_decode_triton(case, dtype):
+    check_decode(case, dtype, block_size=16)
+
+
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+@pytest.mark.parametrize("case", PREFILL_CASES + [(2, 1, 32, [130, 5], [140, 5])])  # a row over 2 fp16 tiles
+def test_prefill_triton(case, dtype):
+    check_prefill(case, dtype, block_size=16)
+
+
+def test_decode_triton_block_sizes_agree():
+    """Pages of 16 and 32 tokens (and 1, 3) over the same K/V give the same output."""
+    outs = []
+    for block_size in (16, 32, 1, 3):
+        torch.manual_seed(1)
+        outs.append(check_decode((2, 8, 2, 64, [45, 2]), torch.float16, block_size))
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=1e-3)
+
+
+def test_prefill_triton_block_sizes_agree():
+    outs = []
+    for block_size in (16, 32, 5):
+        torch.manual_seed(1)
+        outs.append(check_prefill((4, 2, 32, [9, 20], [40, 20]), torch.float32, block_size))
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_decode_triton_many_splits():
+    """A long row over many KV chunks (LSE combine), beside a row of length 1 whose other chunks are empty."""
+    n_splits, _ = decode_splits(2, 1, 320, paged_decode_config(32, torch.float32, 4)[1])
+    assert n_splits >= 8
+    check_decode((1, 4, 1, 32, [320, 1]), torch.float32, block_size=16)
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_triton_outputs_fully_written():
+    check_decode((3, 6, 2, 80, [50, 3]), torch.float16, block_size=16)
+    check_prefill((6, 2, 80, [17, 3], [17, 30]), torch.float16, block_size=16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", DECODE_CASES + [(1, 32, 8, 128, [32768, 1, 20000, 4097])])
+def test_decode_bf16_cuda(case):
+    check_decode(case, torch.bfloat16, block_size=16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", PREFILL_CASES + [(32, 8, 128, [2048, 1, 700], [4096, 1, 700])])
+def test_prefill_bf16_cuda(case):
+    check_prefill(case, torch.bfloat16, block_size=16)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Custom ops: fakes and schemas (opcheck), and torch.compile without graph breaks
+
+
+def _small_problem():
+    k, v = dense_kv(2, 20, 2, 32, torch.float32)
+    k_cache, tables = make_pool(k, [20, 5], 4)
+    v_cache, _ = make_pool(v, [20, 5], 4, tables)
+    return k_cache.nan_to_num(), v_cache.nan_to_num(), tables.clamp(0, k_cache.shape[0] - 1)
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])  # on CPU "triton" is the interpreter
+def test_opcheck_paged_ops(path, monkeypatch):
+    if path == "reference":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    k_cache, v_cache, tables = _small_problem()
+    ops = torch.ops.fastlm
+    torch.library.opcheck(ops.paged_decode_attn.default,
+                          (torch.randn(2, 2, 4, 32), k_cache, v_cache, tables, torch.tensor([20, 5], dtype=torch.int32),
+                           0.2))
+    torch.library.opcheck(ops.paged_prefill_attn.default,
+                          (torch.randn(9, 4, 32), k_cache, v_cache, tables, torch.tensor([0, 6, 9], dtype=torch.int32),
+                           torch.tensor([20, 5], dtype=torch.int32), 0.2))
+
+
+def test_compiles_without_graph_breaks(reference_kernels):
+    k_cache, v_cache, tables = _small_problem()
+    seqlens, cu = torch.tensor([20, 5], dtype=torch.int32), torch.tensor([0, 6, 9], dtype=torch.int32)
+
+    def step(q_decode, q_prefill):
+        return (paged_decode_attention(q_decode, k_cache, v_cache, tables, seqlens).sum()
+                + paged_prefill_attention(q_prefill, k_cache, v_cache, tables, cu, seqlens).sum())
+
+    inputs = (torch.randn(2, 1, 4, 32), torch.randn(9, 4, 32))
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*inputs), step(*inputs))
