@@ -1,6 +1,7 @@
-"""`python -m fastlm ...`: the same as the `fastlm` command."""
+"""`python -m fastlm ...` (and `torchrun ... -m fastlm train ...`): the `fastlm` command."""
 import sys
 
 from fastlm.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

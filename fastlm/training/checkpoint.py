@@ -39,8 +39,8 @@ def write_model_files(folder, model, tokenizer, state, optimizer=None):
     model.save_pretrained(folder)
     tokenizer.save(folder)
     _write_generation_config(folder, model.config, tokenizer)
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
+    if optimizer is not None:  # an optimizer or its state_dict()
+        torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), folder / OPTIMIZER_FILE)
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
@@ -91,13 +91,14 @@ def read_state(folder):
         raise ValueError(f"cannot read {path}: {exc}") from None
 
 
-def load_optimizer_state(folder, optimizer, device):
+def load_optimizer_state(folder, optimizer, device, loader=None):
     """The AdamW state of a checkpoint; ValueError (one line) when optimizer.pt is damaged or foreign.
-    weights_only: a malicious file cannot run code."""
+    weights_only: a malicious file cannot run code. loader: an object whose load(state) puts it into
+    the optimizer (FSDP shards it), default optimizer.load_state_dict."""
     path = Path(folder) / OPTIMIZER_FILE
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-        optimizer.load_state_dict(state)
+        (loader.load if loader is not None else optimizer.load_state_dict)(state)
     except Exception as exc:  # noqa: BLE001 - truncated zip, pickle refused by weights_only, wrong shapes...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"resume: cannot load the optimizer state {path}: {reason}") from None

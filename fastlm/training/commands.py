@@ -58,13 +58,20 @@ def _add_eval_parser(subparsers):
 
 def run_train(args: argparse.Namespace):
     from fastlm.training import train
+    from fastlm.training.distributed import RankFailed, is_main_process
     from fastlm.training.interrupts import TrainingInterrupted
 
     try:
         result = train(**{option.name: getattr(args, option.name) for option in fields(TrainOptions)})
     except TrainingInterrupted as stop:
-        print(f"fastlm train: {stop}", file=sys.stderr)
+        if is_main_process():  # under torchrun every rank stops at the same step; rank 0 says so
+            print(f"fastlm train: {stop}", file=sys.stderr)
         return stop.exit_code
+    except RankFailed as exc:
+        print(f"fastlm train: error: {exc}", file=sys.stderr)
+        return 1
+    if not is_main_process():  # under torchrun rank 0 reports
+        return 0
     print(f"trained {result.steps} steps, {result.tokens:,} tokens, {result.tokens_per_second:,.0f} tokens/s "
           f"({result.train_seconds:.0f} s)")
     if result.train_loss is not None:

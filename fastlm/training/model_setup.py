@@ -13,22 +13,24 @@ from fastlm.training.data import train_bpe_tokenizer
 from fastlm.training.output import private_folder
 
 
-def build_model_and_tokenizer(opts, out_dir, resume_from=None):
-    """(model in train mode on opts.device, tokenizer); resume_from: the checkpoint folder resumed."""
+def build_model_and_tokenizer(opts, out_dir, resume_from=None, device=None):
+    """(model in train mode on device (default opts.device), tokenizer); resume_from: the checkpoint
+    folder resumed."""
     from fastlm.model import Transformer, load_tokenizer
 
+    device = opts.device if device is None else device
     if resume_from is not None:
-        model = Transformer.from_pretrained(resume_from, dtype=torch.float32, device=opts.device)
+        model = Transformer.from_pretrained(resume_from, dtype=torch.float32, device=device)
         tokenizer = load_tokenizer(resume_from, model_vocab_size=model.config.vocab_size)
     elif opts.config is not None:
         tokenizer = _scratch_tokenizer(opts, out_dir)
         config = model_config(opts.config, tokenizer.vocab_size, tokenizer.bos_token_id,
                               eos_id_entry(tokenizer.eos_token_ids))
         torch.manual_seed(opts.seed)
-        model = Transformer(config).to(device=opts.device, dtype=torch.float32)
+        model = Transformer(config).to(device=device, dtype=torch.float32)
     else:
         folder = resolve_model_path(opts.model)
-        model = Transformer.from_pretrained(folder, dtype=torch.float32, device=opts.device)
+        model = Transformer.from_pretrained(folder, dtype=torch.float32, device=device)
         tokenizer = load_tokenizer(opts.tokenizer if opts.tokenizer is not None else folder,
                                    model_vocab_size=model.config.vocab_size)
     model.train()

@@ -56,6 +56,9 @@ class TrainOptions:
     progress: bool = _option(True, "no progress bar", flag="--no-progress")
     log_every: int = _option(10, "steps between progress/log updates (each one syncs the device)")
     overwrite: bool = _option(False, "replace the contents of a non-empty --out that holds no run to resume")
+    fsdp: bool = _option(False, "under torchrun: shard weights, gradients and optimizer state across the ranks "
+                                "(FSDP2) instead of replicating them (DDP)")
+    dist_timeout: float = _option(300.0, "under torchrun: seconds a rank waits for the others before failing")
 
     def __post_init__(self):
         for name in ("data", "out"):
@@ -86,6 +89,7 @@ class TrainOptions:
         check_number("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         check_number("weight_decay", self.weight_decay, 0.0)
         check_number("clip", self.clip, 0.0)
+        check_number("dist_timeout", self.dist_timeout, 0.0, min_open=True)
         check_choice("precision", self.precision, PRECISIONS)
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give either steps or epochs, not both")

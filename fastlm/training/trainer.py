@@ -2,7 +2,8 @@
 
 One optimizer step = grad_accum micro-batches of batch_size blocks; micro-batch m of the run is fixed by
 (seed, m) (see data.BlockSampler) and the learning rate by the step (schedule.lr_at), so a resumed run
-repeats exactly what the uninterrupted run would have done.
+repeats exactly what the uninterrupted run would have done. Under torchrun the run is data-parallel
+(fastlm.training.distributed): the same global batches, split across the ranks; rank 0 owns --out.
 """
 import json
 import math
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 from fastlm.training import checkpoint as ckpt
 from fastlm.training.data import BlockSampler, load_blocks, read_text
 from fastlm.training.evaluation import autocast_context, check_block_size, eval_loss, lm_loss
+from fastlm.training.distributed import Distributed
 from fastlm.training.interrupts import StopRequests, TrainingDiverged, TrainingInterrupted
 from fastlm.training.model_setup import build_model_and_tokenizer, make_optimizer
 from fastlm.training.options import TrainOptions, autocast_dtype
@@ -48,28 +50,38 @@ def train(**kwargs) -> TrainResult:
     Raises ValueError for bad options or an unusable `out` (before training), TrainingDiverged (a
     ValueError) at a non-finite loss, TrainingInterrupted (a KeyboardInterrupt) on SIGINT/SIGTERM once
     a resumable checkpoint is saved."""
-    return Trainer(TrainOptions.from_kwargs(**kwargs)).run()
+    opts = TrainOptions.from_kwargs(**kwargs)
+    dist = Distributed.from_env(opts.device, opts.dist_timeout)
+    try:
+        return Trainer(opts, dist).run()
+    finally:
+        dist.close()
 
 
 class Trainer:
-    def __init__(self, opts: TrainOptions):
-        self.opts, self.device = opts, opts.device
+    def __init__(self, opts: TrainOptions, dist: Optional[Distributed] = None):
+        self.dist = dist or Distributed(device=opts.device)
+        self.opts, self.device = opts, self.dist.device
         read_text(opts.data, "data")  # fail on a missing/empty file before any model is built
         if opts.eval is not None:
             read_text(opts.eval, "eval")
         self.resume_from = ckpt.find_resume_checkpoint(opts.out, opts.resume) if opts.resume else None
-        self.out = prepare_out(opts.out, resume=bool(opts.resume), overwrite=opts.overwrite)
-        self.model, self.tokenizer = build_model_and_tokenizer(opts, self.out, self.resume_from)
+        self.out = self.dist.on_main(  # only rank 0 creates and checks --out; the others get its answer
+            lambda: prepare_out(opts.out, resume=bool(opts.resume), overwrite=opts.overwrite))
+        self.model, self.tokenizer = self.dist.main_first(build_model_and_tokenizer, opts, self.out,
+                                                          self.resume_from, self.device)
         self.state = self._initial_state()
+        self._check_world_size()
         check_block_size(self.run_cfg["block_size"], self.model.config)
         block_size = self.run_cfg["block_size"]
         self.train_blocks = load_blocks(opts.data, self.tokenizer, block_size, "data")
         self.eval_blocks = load_blocks(opts.eval, self.tokenizer, block_size, "eval") if opts.eval else None
         self.sampler = BlockSampler(self.train_blocks, self.run_cfg["batch_size"], self.run_cfg["seed"])
         self._fix_schedule()
+        self.train_model = self.dist.wrap(self.model, opts.fsdp)  # the same parameters, synchronized
         self.optimizer = make_optimizer(self.model, opts.weight_decay, self.device)
         if self.resume_from is not None:
-            ckpt.load_optimizer_state(self.resume_from, self.optimizer, self.device)
+            ckpt.load_optimizer_state(self.resume_from, self.optimizer, self.device, self._optimizer_io())
         self.amp_dtype = autocast_dtype(self.device, opts.precision)
 
     def _initial_state(self):
@@ -85,6 +97,12 @@ class Trainer:
         self.run_cfg = dict(total_steps=o.steps, warmup=o.warmup, lr=o.lr, min_lr_ratio=o.min_lr_ratio,
                             batch_size=o.batch_size, grad_accum=o.grad_accum, block_size=o.block_size, seed=o.seed)
         return {"step": 0, "tokens": 0, "eval_history": []}
+
+    def _check_world_size(self):
+        batch, world = self.run_cfg["batch_size"], self.dist.world_size
+        if batch % world:
+            raise ValueError(f"batch_size ({batch}) must be a multiple of the number of ranks ({world}): "
+                             "it is the global batch, split evenly across the ranks")
 
     def _fix_schedule(self):
         """Total steps from epochs when not given, default warmup (a fresh run only: resume keeps them)."""
@@ -108,8 +126,9 @@ class Trainer:
             self._append_log({"step": self.state["step"], "eval_loss": eval_loss_final,
                               "eval_perplexity": math.exp(eval_loss_final)})
         self._check_weights()
-        publish_model(self.out, lambda folder: ckpt.write_model_files(
-            folder, self.model, self.tokenizer, self._trainer_state()))
+        model = self._full_model()
+        self.dist.on_main(publish_model, self.out, lambda folder: ckpt.write_model_files(
+            folder, model, self.tokenizer, self._trainer_state()))
         return TrainResult(
             steps=self.state["step"], tokens=self.state["tokens"], train_loss=train_loss, eval_loss=eval_loss_final,
             eval_perplexity=math.exp(eval_loss_final) if eval_loss_final is not None else None,
@@ -119,24 +138,26 @@ class Trainer:
     def _loop(self, stop):
         cfg, opts = self.run_cfg, self.opts
         tokens_per_step = cfg["batch_size"] * cfg["grad_accum"] * cfg["block_size"]
-        bar = tqdm(total=cfg["total_steps"], initial=self.state["step"], disable=not opts.progress,
-                   unit="step", dynamic_ncols=True, desc="train")
+        bar = tqdm(total=cfg["total_steps"], initial=self.state["step"], unit="step", dynamic_ncols=True,
+                   desc="train", disable=not (opts.progress and self.dist.is_main))
         loss_sum = torch.zeros((), device=self.device)
         window, last_loss, tokens_run = 0, None, 0
         watch = _Stopwatch(self.device)
         self._first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         while self.state["step"] < cfg["total_steps"]:
-            lr = self._train_step(self.state["step"], loss_sum)
+            with self.dist.guard("the gradients"):
+                lr = self._train_step(self.state["step"], loss_sum)
             self.state["step"] += 1
             self.state["tokens"] += tokens_per_step
             tokens_run += tokens_per_step
             window += 1
             bar.update(1)
             done = self.state["step"] == cfg["total_steps"]
-            if window == opts.log_every or done or self.device.type == "cpu" or stop.signum:
+            signum = self.dist.max_int(stop.signum or 0)  # every rank stops at the same step
+            if window == opts.log_every or done or self.device.type == "cpu" or signum:
                 self._check_losses()  # a device sync: every step on CPU (free), once per window on a GPU
             if window == opts.log_every or done:
-                last_loss = loss_sum.item() / window
+                last_loss = self.dist.mean(loss_sum).item() / window
                 self._log(bar, lr, last_loss, tokens_run / max(watch.elapsed(), 1e-9))
                 loss_sum.zero_()
                 window = 0
@@ -144,9 +165,9 @@ class Trainer:
                 watch.paused(self._periodic_eval, bar)
             if not done and self._periodic(opts.save_every):
                 watch.paused(self._save_checkpoint)
-            if stop.signum is not None:
+            if signum:
                 bar.close()
-                raise TrainingInterrupted(stop.signum, self.state["step"], self._save_checkpoint())
+                raise TrainingInterrupted(signum, self.state["step"], self._save_checkpoint())
         bar.close()
         return last_loss, watch.elapsed(), tokens_run
 
@@ -160,10 +181,12 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         for micro in range(cfg["grad_accum"]):
-            batch = self.sampler.batch(step * cfg["grad_accum"] + micro).to(self.device, non_blocking=True)
-            with autocast_context(self.device, self.amp_dtype):
-                loss = lm_loss(self.model, batch) / cfg["grad_accum"]
-            loss.backward()
+            batch = self.dist.shard(self.sampler.batch(step * cfg["grad_accum"] + micro))
+            batch = batch.to(self.device, non_blocking=True)
+            with self.dist.no_sync(self.train_model, micro == cfg["grad_accum"] - 1):
+                with autocast_context(self.device, self.amp_dtype):
+                    loss = lm_loss(self.train_model, batch) / cfg["grad_accum"]
+                loss.backward()
             loss_sum += loss.detach()
             bad = ~torch.isfinite(loss.detach()) & (self._first_bad_step < 0)  # recorded without a sync
             self._first_bad_step = torch.where(bad, step + 1, self._first_bad_step)
@@ -174,6 +197,8 @@ class Trainer:
         return lr
 
     def _log(self, bar, lr, loss, tokens_per_second):
+        if not self.dist.is_main:
+            return
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}", refresh=False)
         self._append_log({"step": self.state["step"], "train_loss": loss, "lr": lr,
                           "tokens_per_second": tokens_per_second})
@@ -182,7 +207,7 @@ class Trainer:
         loss = self._evaluate()
         self.state["eval_history"].append({"step": self.state["step"], "eval_loss": loss})
         self._append_log({"step": self.state["step"], "eval_loss": loss, "eval_perplexity": math.exp(loss)})
-        if self.opts.progress:
+        if self.opts.progress and self.dist.is_main:
             bar.write(f"step {self.state['step']}: eval loss {loss:.4f}, perplexity {math.exp(loss):.2f}",
                       file=sys.stderr)
 
@@ -194,12 +219,13 @@ class Trainer:
         return loss
 
     def _check_losses(self):
-        step = int(self._first_bad_step.item())
+        step = int(self.dist.max(self._first_bad_step).item())
         if step >= 0:
             self._diverged(f"the training loss is not finite at step {step} (try a lower learning rate)")
 
     def _check_weights(self):
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+        finite = all(torch.isfinite(_local(p)).all() for p in self.model.parameters())
+        if self.dist.max_int(int(not finite)):
             self._diverged("the model's weights are not finite")
 
     def _diverged(self, what):
@@ -208,6 +234,8 @@ class Trainer:
         raise TrainingDiverged(f"training diverged: {what}; no final model written, {kept}")
 
     def _append_log(self, record):
+        if not self.dist.is_main:
+            return
         record = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
         with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record, allow_nan=False) + "\n")
@@ -219,9 +247,31 @@ class Trainer:
         """A resumable checkpoint of the current step (losses checked first: never a diverged one)."""
         self._check_losses()
         folder = ckpt.checkpoint_folder(self.out, self.state["step"])
-        ckpt.save_model_folder(folder, self.model, self.tokenizer, self._trainer_state(), self.optimizer)
-        ckpt.prune_checkpoints(self.out, self.opts.keep_checkpoints)
+        model, optimizer_state = self._full_model(), self._optimizer_io().full_state()
+
+        def save():
+            ckpt.save_model_folder(folder, model, self.tokenizer, self._trainer_state(), optimizer_state)
+            ckpt.prune_checkpoints(self.out, self.opts.keep_checkpoints)
+        self.dist.on_main(save)
         return folder
+
+    def _full_model(self):
+        """The model with all its weights on rank 0 (FSDP gathers the shards; a collective)."""
+        if not self.opts.fsdp:
+            return self.model
+        from fastlm.training.fsdp import gather_model
+
+        return gather_model(self.model, self.dist.is_main)
+
+    def _optimizer_io(self):
+        from fastlm.training.fsdp import OptimizerState
+
+        return OptimizerState(self.model, self.optimizer, self.opts.fsdp)
+
+
+def _local(param):
+    """This rank's part of a parameter (FSDP holds DTensors)."""
+    return param.to_local() if hasattr(param, "to_local") else param
 
 
 class _Stopwatch:
