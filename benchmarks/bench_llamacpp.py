@@ -41,18 +41,23 @@ def peer_worker(gguf_path: str, threads: int, context: int) -> None:
     """Runs in the subprocess: loads the GGUF once, then answers each {"prompt", "new_tokens"} line on
     stdin with {"tokens", "first_s", "total_s"} (greedy argmax over llama.cpp's logits)."""
     import numpy as np
+    import llama_cpp
     from llama_cpp import Llama
 
     llm = Llama(model_path=gguf_path, n_ctx=context, n_threads=threads, n_threads_batch=threads,
                 n_batch=context, verbose=False)
     print(json.dumps({"ready": True}), flush=True)
+    n_vocab = llm.n_vocab()
+
+    def last_logits():  # the last evaluated position's logits (llm.scores stays empty without logits_all)
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
     for line in sys.stdin:
         request = json.loads(line)
         llm.reset()
         tokens, start = [], time.perf_counter()
         llm.eval(request["prompt"])
         for i in range(request["new_tokens"]):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(last_logits()))
             tokens.append(token)
             if i == 0:
                 first = time.perf_counter() - start

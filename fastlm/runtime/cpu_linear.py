@@ -26,6 +26,7 @@ from fastlm.kernels import cpu_choice
 MIN_PACKED_BYTES = 1 << 20  # smaller weights stay nn.Linear
 SIZE_CLASSES = (1, 16, None)  # upper bounds of input rows per class: batch-1 decode, batched decode, prefill
 TIMING_ROWS = (1, 8, 64)  # rows the candidates are timed with, per class
+CLASS_LABELS = ("rows=1", "rows<=16", "rows>16")  # in the cache keys and fastlm bench's report
 TIMING_BYTES = 32 << 20  # weights read per timed pass in the decode classes (beyond the L2/L3 caches)
 
 
@@ -59,7 +60,7 @@ class LinearShapeGroup:
 
     def key(self, index: int) -> str:
         dtype = str(self.dtype).replace("torch.", "")
-        return f"{dtype}|{self.out_features}x{self.in_features}|rows<={SIZE_CLASSES[index]}|t{torch.get_num_threads()}"
+        return f"{dtype}|{self.out_features}x{self.in_features}|{CLASS_LABELS[index]}|t{torch.get_num_threads()}"
 
     def choice(self, index: int) -> str:
         if self.choices[index] is None:
@@ -130,7 +131,7 @@ def pack_linears(model: nn.Module, batch_hint: int = 8, min_bytes: int = MIN_PAC
 
 
 def linear_choices(model: nn.Module) -> dict:
-    """{"dtype|out x in|rows<=bound|threads": "aten" | "onednn"} for the size classes decided so far."""
+    """{"dtype|out x in|size class|threads": "aten" | "onednn"} for the size classes decided so far."""
     seen, out = set(), {}
     for module in model.modules():
         if isinstance(module, PackedLinear) and id(module.group) not in seen:
