@@ -46,7 +46,7 @@ def peer_worker(gguf_path: str, threads: int, context: int) -> None:
 
     llm = Llama(model_path=gguf_path, n_ctx=context, n_threads=threads, n_threads_batch=threads,
                 n_batch=context, verbose=False)
-    print(json.dumps({"ready": True}), flush=True)
+    print(json.dumps({"version": llama_cpp.__version__}), flush=True)
     n_vocab = llm.n_vocab()
 
     def last_logits():  # the last evaluated position's logits (llm.scores stays empty without logits_all)
@@ -74,7 +74,7 @@ class Peer:
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
         self.error = None
-        self._read()
+        self.version = (self._read() or {}).get("version", "?")
 
     def run(self, prompt, new_tokens):
         if self.error is None:
@@ -169,7 +169,7 @@ def bench_config(name, hf_model, folder, dtype_name, args, read_gbs, tmp):
             "agree": f"{agreement(ours[0]['tokens'], theirs[0]['tokens'])}/{args.new_tokens}" if theirs else "",
             "fastlm_weights_gbs": round(ours_tok_s * weight_gb, 2),
             "roofline": round(ours_tok_s * weight_gb / read_gbs, 3), "read_gbs": round(read_gbs, 1),
-            "peer_error": peer.error or ""}
+            "llamacpp_version": peer.version, "peer_error": peer.error or ""}
 
 
 def main(argv=None):
@@ -189,9 +189,8 @@ def main(argv=None):
     args.prompt_len, args.new_tokens = (16, 16) if args.quick else (16, 64)
     configs = QUICK if args.quick else FULL
     read_gbs = read_bandwidth_gbs("cpu")
-    print(f"CPU {cpu_model()}, {args.threads} threads, torch {torch.__version__}, llama-cpp-python "
-          f"{llama_cpp_version()}; read bandwidth {read_gbs:.1f} GB/s; prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, median of {args.rounds} alternating rounds", flush=True)
+    print(f"CPU {cpu_model()}, {args.threads} threads, torch {torch.__version__}; read bandwidth {read_gbs:.1f} GB/s; "
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.rounds} alternating rounds", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (family, kwargs) in configs.items():
@@ -223,15 +222,6 @@ def cpu_model() -> str:
     from fastlm.kernels.cpu_choice import machine_description
 
     return machine_description()["cpu"]
-
-
-def llama_cpp_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("llama_cpp_python")
-    except PackageNotFoundError:
-        return "?"
 
 
 if __name__ == "__main__":
