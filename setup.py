@@ -37,6 +37,8 @@ setup(
             "openai>=1.30",
         ],
         "bench": ["matplotlib>=3.7", "transformers>=4.45"],
+        # benchmarks/bench_llamacpp.py: llama.cpp as the CPU peer (builds from source with CMake)
+        "llamacpp": ["llama-cpp-python>=0.3", "gguf>=0.10", "transformers>=4.45", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["fastlm=fastlm.cli:main"]},
 )

@@ -24,6 +24,19 @@ if ON_CUDA:
     torch.set_default_device("cuda")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_kernel_cache(tmp_path_factory):
+    """The CPU kernel choices (fastlm.kernels.cpu_choice) of the session in a temporary folder, not in
+    the user's ~/.cache (subprocesses inherit it through the environment)."""
+    old = os.environ.get("FASTLM_CACHE_DIR")
+    os.environ["FASTLM_CACHE_DIR"] = str(tmp_path_factory.mktemp("fastlm_cache"))
+    yield os.environ["FASTLM_CACHE_DIR"]
+    if old is None:
+        del os.environ["FASTLM_CACHE_DIR"]
+    else:
+        os.environ["FASTLM_CACHE_DIR"] = old
+
+
 @pytest.fixture(autouse=True)
 def seed():
     """Fresh but reproducible random inputs in every test."""

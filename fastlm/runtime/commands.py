@@ -6,6 +6,7 @@ Errors are the API's ValueErrors; fastlm/cli.py prints them as one line and exit
 import sys
 
 from fastlm.model.validation import check_int
+from fastlm.runtime.cpu_threads import set_threads
 from fastlm.runtime.sampling import SamplingParams
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
@@ -23,6 +24,8 @@ def _add_model_args(parser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
                         help="weight-only quantized linear layers (int4 = groups of 128 columns)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: the physical cores available)")
 
 
 def _add_generate(subparsers) -> None:
@@ -49,6 +52,7 @@ def run_generate(args) -> int:
                    stop=args.stop, seed=args.seed)
     SamplingParams(**options)  # fail before loading the model
     check_text_prompts(args.prompt)
+    set_threads(args.threads)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     if args.no_stream:
         print(llm.generate(args.prompt, **options))
@@ -79,6 +83,7 @@ def run_bench(args) -> int:
         check_int(name, getattr(args, name), 1)
     for batch in args.batch_size:
         check_int("batch_size", batch, 1)
+    threads = set_threads(args.threads)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     context = llm.model.config.max_seq_len
     if args.prompt_len + args.new_tokens > context:
@@ -87,7 +92,8 @@ def run_bench(args) -> int:
     hf_model = _load_hf(llm) if args.compare_hf else None
     weight_gb = bench.weight_bytes_per_step(llm.model) / 1e9
     print(f"model {llm.path} ({llm.model.config.model_type}, {llm.model.dtype}, {llm.device}); "
-          f"prompt {args.prompt_len}, {args.new_tokens} new tokens; weights {weight_gb:.4g} GB per step")
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens; weights {weight_gb:.4g} GB per step"
+          + (f"; {threads} CPU threads" if llm.device.type == "cpu" else ""))
     header = f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'weights GB/s':>13}"
     print(header + (f" {'HF prefill':>11} {'HF decode':>10} {'decode x HF':>11}" if hf_model else ""))
     for batch in args.batch_size:
@@ -99,7 +105,23 @@ def run_bench(args) -> int:
             line += (f" {theirs['prefill_tok_s']:>11.1f} {theirs['decode_tok_s']:>10.1f} "
                      f"{ours['decode_tok_s'] / theirs['decode_tok_s']:>11.2f}")
         print(line, flush=True)
+    _print_kernel_choices(llm.model)
     return 0
+
+
+def _print_kernel_choices(model) -> None:
+    """The CPU linear kernels chosen per (dtype, shape, input rows, threads), see cpu_linear.py."""
+    from fastlm.kernels import cpu_choice
+    from fastlm.runtime.cpu_linear import linear_choices
+
+    choices = linear_choices(model)
+    if not choices:
+        return
+    forced = cpu_choice.forced_choice("linear")
+    source = f"forced by {cpu_choice.ENV_FORCE}" if forced else f"timed, cached in {cpu_choice.default_cache().path}"
+    print(f"CPU linear kernels ({source}):")
+    for key, name in sorted(choices.items()):
+        print(f"  {key}: {name}")
 
 
 def _load_hf(llm):

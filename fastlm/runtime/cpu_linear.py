@@ -1,22 +1,33 @@
-"""Linear layers with oneDNN-prepacked weights, for fp32 and bf16 inference on CPU.
+"""CPU linear layers that use, per weight shape and batch size, the faster of aten and oneDNN.
 
 A decode step is a chain of matrix-vector products whose cost is reading the weights. Packing each
-weight once into oneDNN's blocked layout (what torch.compile's CPU backend does with freezing) reads it
-much closer to memory speed than aten's F.linear. Measured on the project's 2-core AMD EPYC (avx512_bf16),
-one thread, GPT-2-124M's 49 weight matrices: bf16 15 -> 34 GB/s at batch 1, 13 -> 22 GB/s at batch 8;
-fp32 18 -> 36 GB/s at batch 1, 9 -> 24 GB/s at batch 8; prefill-sized (128 rows) matmuls are faster too.
-The batch hint 8 was as good or better than 1 at every size we measured. A packed call costs ~10 us
-more than aten's for small weights that stay in cache, so weights under MIN_PACKED_BYTES stay as they are.
+weight once into oneDNN's blocked layout (what torch.compile's CPU backend does with freezing) read it
+2x faster than aten's F.linear on the project's AMD EPYC (fp32 18 -> 36 GB/s, bf16 15 -> 34 GB/s at
+batch 1, one thread) but ~15% slower on an Intel Xeon with AMX (fp32, 768 x 3072). So the choice is
+measured on the machine at hand (fastlm.kernels.cpu_choice): for each (dtype, weight shape, size
+class of the input rows, threads) the two are timed once and the faster one is cached on disk;
+FASTLM_CPU_KERNELS=aten|onednn forces one.
 
-pack_linears(model) swaps each nn.Linear for a PackedLinear that keeps the original Parameters (state
-dict keys and tied weights unchanged) plus the packed copy, so packed layers cost their weights' memory
-twice. Inference only: no autograd through the packed weight, and the packed copy does not follow later
-changes of the Parameters (call pack_linears again after loading new weights).
+pack_linears(model) swaps each nn.Linear of at least MIN_PACKED_BYTES for a PackedLinear that keeps
+the original Parameters (state dict keys and tied weights unchanged) plus the packed copy, so these
+layers cost their weights' memory twice. Layers of one (dtype, shape) share a LinearShapeGroup holding
+the choices; a size class is decided at its first call, timed on a pass over several of the group's
+weights (as a decode step reads them: from memory, not from a cache holding one weight). Smaller
+weights stay nn.Linear (a packed call costs ~10 us more; call overhead dominates there). Inference
+only: no autograd through the packed weight, and it does not follow later changes of the Parameters
+(call pack_linears again after loading new weights).
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-MIN_PACKED_BYTES = 1 << 20  # smaller weights: aten's linear is faster (call overhead dominates)
+from fastlm.kernels import cpu_choice
+
+MIN_PACKED_BYTES = 1 << 20  # smaller weights stay nn.Linear
+SIZE_CLASSES = (1, 16, None)  # upper bounds of input rows per class: batch-1 decode, batched decode, prefill
+TIMING_ROWS = (1, 8, 64)  # rows the candidates are timed with, per class
+CLASS_LABELS = ("rows=1", "rows<=16", "rows>16")  # in the cache keys and fastlm bench's report
+TIMING_BYTES = 32 << 20  # weights read per timed pass in the decode classes (beyond the L2/L3 caches)
 
 
 def packing_available(dtype: torch.dtype, device) -> bool:
@@ -31,20 +42,72 @@ def packing_available(dtype: torch.dtype, device) -> bool:
         return False
 
 
-class PackedLinear(nn.Module):
-    """y = x W^T + b with W prepacked by oneDNN; same Parameters as the nn.Linear it replaces."""
+def size_class(rows: int) -> int:
+    """Index into SIZE_CLASSES of an input with `rows` rows."""
+    for index, bound in enumerate(SIZE_CLASSES):
+        if bound is None or rows <= bound:
+            return index
+    raise AssertionError("unreachable: the last class has no bound")
 
-    def __init__(self, linear: nn.Linear, batch_hint: int = 8):
+
+class LinearShapeGroup:
+    """The PackedLinears of one (dtype, out, in) and their choice per size class ("aten" | "onednn")."""
+
+    def __init__(self, dtype: torch.dtype, out_features: int, in_features: int):
+        self.dtype, self.out_features, self.in_features = dtype, out_features, in_features
+        self.members = []
+        self.choices = [None] * len(SIZE_CLASSES)
+
+    def key(self, index: int) -> str:
+        dtype = str(self.dtype).replace("torch.", "")
+        return f"{dtype}|{self.out_features}x{self.in_features}|{CLASS_LABELS[index]}|t{torch.get_num_threads()}"
+
+    def choice(self, index: int) -> str:
+        if self.choices[index] is None:
+            self.choices[index] = cpu_choice.choose("linear", self.key(index), self._candidates(index))
+        return self.choices[index]
+
+    def _candidates(self, index: int) -> dict:
+        """Each candidate runs TIMING_ROWS[index] rows through a pass over some of the members."""
+        weight_bytes = self.out_features * self.in_features * self.members[0].weight.element_size()
+        count = 1 if SIZE_CLASSES[index] is None else max(1, min(len(self.members), TIMING_BYTES // weight_bytes))
+        members = self.members[:count]
+        x = torch.randn(TIMING_ROWS[index], self.in_features, dtype=self.dtype)
+
+        def run(kind):
+            with torch.no_grad():
+                for m in members:
+                    m.run(kind, x)
+        return {"aten": lambda: run("aten"), "onednn": lambda: run("onednn")}
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b through aten or oneDNN's prepacked W, as measured fastest for x's size class;
+    same Parameters as the nn.Linear it replaces."""
+
+    def __init__(self, linear: nn.Linear, batch_hint: int = 8, group: LinearShapeGroup = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         with torch.no_grad():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
+        self._weight = linear.weight.detach()
         self._bias = None if linear.bias is None else linear.bias.detach()  # shares storage, no autograd
         self._op = torch.ops.mkldnn._linear_pointwise.default  # resolved once: this runs ~50x per token
+        self.group = group or LinearShapeGroup(linear.weight.dtype, self.out_features, self.in_features)
+        self.group.members.append(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._op(x, self.packed, self._bias, "none", [], "")
+    def run(self, kind: str, x: torch.Tensor) -> torch.Tensor:
+        if kind == "onednn":
+            return self._op(x, self.packed, self._bias, "none", [], "")
+        return F.linear(x, self._weight, self._bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # ~50 calls per token: kept to a few Python steps
+        rows = x.numel() // self.in_features if self.in_features else 0
+        index = 0 if rows <= SIZE_CLASSES[0] else (1 if rows <= SIZE_CLASSES[1] else 2)
+        if (self.group.choices[index] or self.group.choice(index)) == "onednn":
+            return self._op(x, self.packed, self._bias, "none", [], "")
+        return F.linear(x, self._weight, self._bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -52,11 +115,26 @@ class PackedLinear(nn.Module):
 
 def pack_linears(model: nn.Module, batch_hint: int = 8, min_bytes: int = MIN_PACKED_BYTES) -> int:
     """Replace every nn.Linear of model (fp32 or bf16, CPU) whose weight has at least min_bytes by a
-    PackedLinear, in place; returns how many."""
+    PackedLinear, in place (layers of one dtype and shape share a LinearShapeGroup); returns how many.
+    ValueError for an unknown FASTLM_CPU_KERNELS value (now, not at the first forward)."""
+    cpu_choice.forced_choice("linear")
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is nn.Linear and module.weight.numel() * module.weight.element_size() >= min_bytes]
+    groups = {}
     for name, linear in targets:
+        shape = (linear.weight.dtype, linear.out_features, linear.in_features)
+        group = groups.setdefault(shape, LinearShapeGroup(*shape))
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedLinear(linear, batch_hint))
+        setattr(parent, child, PackedLinear(linear, batch_hint, group))
     return len(targets)
+
+
+def linear_choices(model: nn.Module) -> dict:
+    """{"dtype|out x in|size class|threads": "aten" | "onednn"} for the size classes decided so far."""
+    seen, out = set(), {}
+    for module in model.modules():
+        if isinstance(module, PackedLinear) and id(module.group) not in seen:
+            seen.add(id(module.group))
+            out.update({module.group.key(i): c for i, c in enumerate(module.group.choices) if c is not None})
+    return out

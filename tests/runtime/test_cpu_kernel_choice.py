@@ -1,0 +1,156 @@
+"""Per-machine choice of CPU linear kernels (issue 16, item 1): forced by FASTLM_CPU_KERNELS, timed once
+and cached on disk per machine, a corrupted cache ignored, numerically the linear it replaces."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from fastlm.kernels import cpu_choice
+from fastlm.runtime.cpu_linear import PackedLinear, linear_choices, pack_linears, packing_available, size_class
+
+pytestmark = pytest.mark.skipif(not packing_available(torch.float32, "cpu"), reason="no oneDNN fp32 packing here")
+
+MACHINE = {"cpu": "Test CPU", "flags": "avx2 fma", "torch": "2.13.0"}
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return cpu_choice.ChoiceCache(tmp_path / "choices.json", MACHINE)
+
+
+@pytest.fixture
+def timings(monkeypatch, tmp_path):
+    """Replaces the timing: records each call's candidate names and makes "onednn" the fastest; an
+    empty default cache folder."""
+    monkeypatch.setenv(cpu_choice.ENV_CACHE_DIR, str(tmp_path / "default_cache"))
+    calls = []
+
+    def fake(candidates, rounds=cpu_choice.ROUNDS):
+        calls.append(sorted(candidates))
+        return {name: (1.0 if name == "onednn" else 2.0) for name in candidates}
+    monkeypatch.setattr(cpu_choice, "time_candidates", fake)
+    monkeypatch.delenv(cpu_choice.ENV_FORCE, raising=False)
+    return calls
+
+
+def _counting_candidates():
+    ran = {"aten": 0, "onednn": 0}
+
+    def make(name):
+        def fn():
+            ran[name] += 1
+        return fn
+    return ran, {name: make(name) for name in ran}
+
+
+def test_forced_choice_skips_timing(cache, timings, monkeypatch):
+    monkeypatch.setenv(cpu_choice.ENV_FORCE, "aten")
+    _, candidates = _counting_candidates()
+    assert cpu_choice.choose("linear", "k", candidates, cache) == "aten"  # timing would pick onednn
+    assert timings == [] and cache.items() == {}
+
+
+def test_forced_unknown_name_is_a_clear_error(cache, monkeypatch):
+    monkeypatch.setenv(cpu_choice.ENV_FORCE, "mkl")
+    with pytest.raises(ValueError, match="FASTLM_CPU_KERNELS must be auto or one of aten, onednn, got 'mkl'"):
+        cpu_choice.choose("linear", "k", _counting_candidates()[1], cache)
+
+
+def test_cached_choice_is_reused_without_timing(tmp_path, timings):
+    path = tmp_path / "choices.json"
+    first = cpu_choice.ChoiceCache(path, MACHINE)
+    assert cpu_choice.choose("linear", "k", _counting_candidates()[1], first) == "onednn"
+    assert len(timings) == 1
+    stored = json.loads(path.read_text())
+    assert stored["choices"] == {"linear|k": "onednn"} and stored["machine"] == MACHINE
+    second = cpu_choice.ChoiceCache(path, MACHINE)  # a later process: reads the file
+    assert cpu_choice.choose("linear", "k", _counting_candidates()[1], second) == "onednn"
+    assert len(timings) == 1  # not timed again
+    assert cpu_choice.choose("linear", "other", _counting_candidates()[1], second) == "onednn"
+    assert len(timings) == 2  # another key is timed
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"format": 1, "choices": ["aten"]}', '{"format": 99, "choices": {}}',
+                                     '{"format": 1, "choices": {"linear|k": 3}}'])
+def test_corrupted_cache_file_is_ignored_and_rebuilt(tmp_path, timings, content):
+    path = tmp_path / "choices.json"
+    path.write_text(content)
+    with pytest.warns(RuntimeWarning, match="ignoring the CPU kernel choice cache"):
+        cache = cpu_choice.ChoiceCache(path, MACHINE)
+    assert cpu_choice.choose("linear", "k", _counting_candidates()[1], cache) == "onednn"
+    assert len(timings) == 1
+    assert json.loads(path.read_text())["choices"] == {"linear|k": "onednn"}  # rewritten whole
+    assert not list(tmp_path.glob("*.tmp"))  # the atomic write left no temporary file
+
+
+def test_cache_key_changes_with_torch_version_and_cpu_flags(monkeypatch):
+    here = cpu_choice.machine_description()
+    assert cpu_choice.machine_key(here) == cpu_choice.machine_key()
+    assert cpu_choice.machine_key({**here, "torch": here["torch"] + "-other"}) != cpu_choice.machine_key(here)
+    assert cpu_choice.machine_key({**here, "flags": here["flags"] + " amx_tile"}) != cpu_choice.machine_key(here)
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    assert cpu_choice.machine_description()["torch"] == "9.9.9"
+    assert cpu_choice.machine_key() != cpu_choice.machine_key(here)
+
+
+def test_default_cache_lives_in_fastlm_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(cpu_choice.ENV_CACHE_DIR, str(tmp_path))
+    cache = cpu_choice.default_cache()
+    assert cache.path.parent == tmp_path and cache.path.name.startswith("cpu_kernels-")
+    assert cpu_choice.machine_key() in cache.path.name
+
+
+def test_time_candidates_runs_each_once_per_round():
+    ran, candidates = _counting_candidates()
+    times = cpu_choice.time_candidates(candidates, rounds=3)
+    assert set(times) == {"aten", "onednn"} and all(t >= 0 for t in times.values())
+    assert ran == {"aten": 4, "onednn": 4}  # a warm-up round + 3
+
+
+def _model(dtype):
+    return nn.Sequential(nn.Linear(48, 96), nn.Linear(96, 48, bias=False), nn.Linear(48, 96)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not packing_available(torch.bfloat16, "cpu"), reason="no oneDNN bf16 packing here"))])
+@pytest.mark.parametrize("force", ["aten", "onednn", "auto"])
+@pytest.mark.parametrize("rows", [1, 5, 33])
+def test_chosen_path_matches_f_linear(monkeypatch, dtype, force, rows):
+    monkeypatch.setenv(cpu_choice.ENV_FORCE, force)
+    plain = _model(dtype)
+    packed = _model(dtype)
+    packed.load_state_dict(plain.state_dict())
+    assert pack_linears(packed, min_bytes=0) == 3
+    x = torch.randn(rows, 48, dtype=dtype)
+    with torch.no_grad():
+        expected, got = plain(x), packed(x)
+        exact = plain.double()(x.double())
+    chosen = set(linear_choices(packed).values())
+    if force == "auto":
+        assert chosen <= {"aten", "onednn"} and len(linear_choices(packed)) == 2  # two shapes, one size class
+    else:
+        assert chosen == {force}
+    if force == "aten":
+        assert torch.equal(got, expected)  # the very same F.linear
+    else:
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        assert (got.double() - exact).abs().max() <= 2 * (expected.double() - exact).abs().max() + tol
+
+
+def test_layers_of_one_shape_share_one_choice(monkeypatch, timings):
+    model = _model(torch.float32)
+    pack_linears(model, min_bytes=0)
+    first, _, third = model
+    assert isinstance(first, PackedLinear) and first.group is third.group
+    with torch.no_grad():
+        model(torch.randn(1, 48))
+        model(torch.randn(2, 48))
+    assert len(timings) == 4  # 2 shapes x 2 size classes; the third layer reused the first's choice
+    keys = linear_choices(model)
+    assert len(keys) == 4 and set(keys.values()) == {"onednn"}
+    assert any(k.startswith("float32|96x48|rows=1|t") for k in keys)
+
+
+def test_size_classes():
+    assert [size_class(r) for r in (1, 2, 16, 17, 4096)] == [0, 1, 1, 2, 2]
