@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastlm
-from tests.training.cli_runs import SharedFolder, give_to_unprivileged, run_cli
+from tests.training.cli_runs import SharedFolder, run_cli
 from tests.training.runs import TINY_RUN
 
 RUN = dict(TINY_RUN, steps=2, device="cpu")
@@ -79,7 +79,6 @@ def test_cli_out_checked_before_training(corpus, tokenizer_dir):
         locked = root / "locked"
         (locked / "out").mkdir(parents=True)
         (locked / "readonly").mkdir()
-        give_to_unprivileged(root)
         (locked / "readonly").chmod(0o555)
         locked.chmod(0o555)  # the parent of --out is not writable: nothing may need to be written there
         cases = [(root / "a_file", "exists and is not a folder"), (locked / "readonly", "is not writable"),
