@@ -62,11 +62,12 @@ def test_disconnect_mid_stream_aborts_the_request_and_frees_its_blocks(server):
 def test_disconnect_while_waiting_for_a_full_response_aborts_it(server):
     aborted = server.metrics()["fastlm_engine_aborted_sequences_total"]
     impatient = server.client(timeout=0.5)
+    # 8 choices x 450 tokens take seconds even on a fast, idle CPU (one choice alone may not outlast 0.5 s)
     with pytest.raises(openai.APITimeoutError):
-        impatient.completions.create(model=NAME, prompt=PROMPT, max_tokens=450, temperature=0,
+        impatient.completions.create(model=NAME, prompt=PROMPT, max_tokens=450, n=8, temperature=0.8, seed=0,
                                      extra_body={"ignore_eos": True})
     _wait_for(lambda: server.metrics()["fastlm_kv_blocks_used"] == 0)
-    assert server.metrics()["fastlm_engine_aborted_sequences_total"] == aborted + 1
+    assert server.metrics()["fastlm_engine_aborted_sequences_total"] == aborted + 8
 
 
 def test_sigterm_lets_a_running_stream_finish_then_exits_0():
