@@ -40,6 +40,9 @@ def _worker(rank, port, folders, results):
             with torch.no_grad():
                 full, last = _run(model, _inputs())
             torch.save({"shapes": shapes, "full": full, "last": last}, f"{results}/{name}-{rank}.pt")
+        # both ranks done with every collective before either tears gloo down (a rank leaving early
+        # aborted its peer once: "terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
