@@ -43,13 +43,18 @@ def test_process_logits_matches_transformers(options, dtype):
     # distinct values (also in bf16): with ties, which tied token top-p drops depends on the sort
     logits = torch.stack([torch.randperm(vocab) for _ in range(batch)]).float().mul(0.05).sub(3).to(dtype)
     input_ids = torch.randint(0, vocab, (batch, 9))
-    seen = torch.zeros(batch, vocab, dtype=torch.bool)
+    assert_processing_matches_transformers(logits, input_ids, options)
+
+
+def assert_processing_matches_transformers(logits, input_ids, options):
+    """process_logits equals transformers' processors on the same logits and history: the same tokens
+    masked, and the same scores up to a constant per row (ours are shifted so each row's best is 0)."""
+    seen = torch.zeros(logits.shape, dtype=torch.bool)
     mark_seen(seen, input_ids)
     ours = process_logits(logits, SamplingParams(**options), seen)
     theirs = hf_process(logits, input_ids, **options)
     assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
     finite = torch.isfinite(theirs)
-    # Equal up to a constant per row (the same distribution): ours are shifted so each row's best is 0.
     ours, theirs = ours - ours.amax(-1, keepdim=True), theirs - theirs.amax(-1, keepdim=True)
     torch.testing.assert_close(ours[finite], theirs[finite], rtol=1e-6, atol=1e-6)
 

@@ -3,8 +3,8 @@ token's negative logit is multiplied by the penalty, not divided) decides which 
 import pytest
 import torch
 
-from fastlm.runtime.sampling import SamplingParams, make_generator, mark_seen, next_tokens, process_logits
-from tests.runtime.test_sampling import hf_process
+from fastlm.runtime.sampling import SamplingParams, make_generator, next_tokens
+from tests.runtime.test_sampling import assert_processing_matches_transformers
 
 
 @pytest.mark.parametrize("options", [
@@ -22,15 +22,7 @@ def test_all_negative_logits_match_transformers(options, dtype):
     assert logits.max() < 0
     input_ids = torch.stack([torch.topk(row.float(), 6).indices[[0, 2, 5]] for row in logits])  # top ones seen
     input_ids = torch.cat([input_ids, torch.randint(0, vocab, (batch, 5))], dim=1)
-    seen = torch.zeros(batch, vocab, dtype=torch.bool)
-    mark_seen(seen, input_ids)
-    ours = process_logits(logits, SamplingParams(**options), seen)
-    theirs = hf_process(logits, input_ids, **options)
-    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
-    finite = torch.isfinite(theirs)
-    # Equal up to a constant per row (the same distribution): ours are shifted so each row's best is 0.
-    ours, theirs = ours - ours.amax(-1, keepdim=True), theirs - theirs.amax(-1, keepdim=True)
-    torch.testing.assert_close(ours[finite], theirs[finite], rtol=1e-6, atol=1e-6)
+    assert_processing_matches_transformers(logits, input_ids, options)
 
 
 @pytest.mark.parametrize("penalty, winner", [(2.0, 1), (0.5, 0)])
