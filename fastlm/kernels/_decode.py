@@ -68,10 +68,19 @@ def _decode_split(Q, K, V, SEQLENS, O_PART, LSE_PART,  # q (B,Sq,Hq,D); caches (
         k_ptrs += BLOCK_N * stride_ks
         v_ptrs += BLOCK_N * stride_vs
 
+    store_split_partial(O_PART, LSE_PART, acc, l_i, m_i, b, s, h, split, row_ok, offs_d,
+                        n_kv_heads * group, seqlen_q, n_splits, HEAD_DIM)
+
+
+@triton.jit
+def store_split_partial(O_PART, LSE_PART, acc, l_i, m_i, b, s, h, split, row_ok, offs_d,
+                        n_q_heads, seqlen_q, n_splits, HEAD_DIM: tl.constexpr):
+    """One KV chunk's normalized output and log2-sum-exp into the partials (B, Sq, Hq, n_splits[, D]) that
+    _decode_combine merges; a chunk past the row's length (l = 0) stores lse -inf: it weighs nothing."""
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
-    part = ((b * seqlen_q + s) * (n_kv_heads * group) + h) * n_splits + split  # partials (B, Sq, Hq, n_splits)
+    part = ((b * seqlen_q + s) * n_q_heads + h) * n_splits + split
     tl.store(LSE_PART + part, lse, mask=row_ok)
     tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None],
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))

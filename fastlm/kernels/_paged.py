@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from fastlm.kernels import _decode  # its LSE combine kernel (referenced through the module: listed there)
-from fastlm.kernels._decode import decode_config, decode_splits
+from fastlm.kernels._decode import decode_config, decode_splits, store_split_partial
 from fastlm.kernels._flash import _load_rows, _store_rows, flash_fwd_config
 from fastlm.kernels._utils import LOG2E, Launch, device_guard, dot_precision, gpu_arch, head_dim_block, sm_count
 
@@ -94,13 +94,8 @@ def _paged_decode_split(Q, K, V, BLOCK_TABLES, SEQLENS, O_PART, LSE_PART,  # q (
                                   stride_b, stride_s, length - seqlen_q + s, tl.arange(0, BLOCK_N), offs_d,
                                   lo, hi, hi, qk_scale, True, BLOCK_N, PAGE_SIZE, HEAD_DIM, BLOCK_D, PREC)
 
-    empty = l_i == 0.0  # a chunk past the row's length: weighs nothing in the combine
-    l_safe = tl.where(empty, 1.0, l_i)
-    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
-    part = ((b * seqlen_q + s) * (n_kv_heads * group) + h) * n_splits + split  # partials (B, Sq, Hq, n_splits)
-    tl.store(LSE_PART + part, lse, mask=row_ok)
-    tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None],
-             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    store_split_partial(O_PART, LSE_PART, acc, l_i, m_i, b, s, h, split, row_ok, offs_d,
+                        n_kv_heads * group, seqlen_q, n_splits, HEAD_DIM)
 
 
 @triton.jit
