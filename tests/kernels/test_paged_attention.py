@@ -125,6 +125,48 @@ def test_prefill_reference(case, dtype, reference_kernels):
     check_prefill(case, dtype, block_size=16)
 
 
+def shared_prefix_pool(dense, lengths, block_size, shared_tokens):
+    """make_pool, then every row's first shared_tokens // block_size blocks pointed at row 0's (the
+    rows' dense K/V copy row 0's there): the layout prefix caching gives a shared system prompt."""
+    dense[:, :shared_tokens] = dense[:1, :shared_tokens]
+    pool, tables = make_pool(dense, lengths, block_size)
+    tables[:, :shared_tokens // block_size] = tables[:1, :shared_tokens // block_size]
+    return pool, tables
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Hq,Hkv,block_size", [(6, 2, 16), (4, 4, 8), (3, 1, 1)])
+def test_decode_reference_cascade_over_a_shared_prefix(dtype, Hq, Hkv, block_size, reference_kernels):
+    """Rows sharing their first blocks take the cascade path (the prefix attended once, merged by
+    log-sum-exp), including a row that is nothing but the shared prefix; same answer as fp64."""
+    from fastlm.kernels.paged_attention import CASCADE_MIN_TOKENS, _shared_blocks
+
+    shared, D = 80, 32
+    lengths = [81, 80, 113, 150, 97]
+    B, S = len(lengths), max(lengths)
+    q = torch.randn(B, 1, Hq, D, dtype=dtype)
+    k, v = dense_kv(B, S, Hkv, D, dtype)
+    k_cache, tables = shared_prefix_pool(k, lengths, block_size, shared)
+    v[:, :shared] = v[:1, :shared]
+    v_cache, _ = make_pool(v, lengths, block_size, tables)
+    assert _shared_blocks(tables, lengths, block_size) * block_size == shared >= CASCADE_MIN_TOKENS
+    out = paged_decode_attention(q, k_cache, v_cache, tables, torch.tensor(lengths, dtype=torch.int32))
+    seqlens = torch.tensor(lengths)
+    args = dict(causal=True, q_positions=seqlens[:, None] - 1, k_lengths=seqlens)
+    ref = attention_plain(q.double(), k.double(), v.double(), **args)
+    assert_close_by_rule(out, ref, attention_plain(q, k, v, **args), atol=ATOL[dtype])
+
+
+def test_shared_blocks_counts_only_blocks_every_row_fills():
+    from fastlm.kernels.paged_attention import _shared_blocks
+
+    tables = torch.tensor([[3, 4, 5, 6, 7], [3, 4, 5, 6, 9], [3, 4, 5, 6, 8]], dtype=torch.int32)
+    assert _shared_blocks(tables, [80, 80, 80], 16) == 4  # block 4 differs
+    assert _shared_blocks(tables, [80, 63, 80], 16) == 0  # 3 full blocks of one row: under 64 tokens
+    assert _shared_blocks(tables[:1], [80], 16) == 0  # one row: nothing to share
+    assert _shared_blocks(torch.tensor([[1, 2, 3, 4], [0, 2, 3, 4]], dtype=torch.int32), [64, 64], 16) == 0
+
+
 @pytest.mark.parametrize("case", DECODE_CASES[:4])
 def test_decode_reference_block_size_1_vs_16(case, reference_kernels):
     outs = []
