@@ -29,10 +29,14 @@ class TokenLogprobs:
 def sample_rows(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: Seq[int]) -> Tuple[List[int], List[Optional[TokenLogprobs]]]:
     """logits (R, V) of the rows that sample this step, in seqs' order -> (token ids, logprobs or None)."""
     scores = _adjusted(logits, seqs, eos_ids)
-    tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
-    for rows in _groups(seqs).values():
-        index = torch.tensor(rows, device=logits.device)
-        tokens[index] = _sample_group(scores[index], [seqs[r] for r in rows])
+    groups = list(_groups(seqs).values())
+    if len(groups) == 1:  # the common case: no (R, V) row copies
+        tokens = _sample_group(scores, list(seqs))
+    else:
+        tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+        for rows in groups:
+            index = torch.tensor(rows, device=logits.device)
+            tokens[index] = _sample_group(scores[index], [seqs[r] for r in rows])
     token_list = tokens.tolist()
     return token_list, _logprobs(logits, seqs, token_list)
 
