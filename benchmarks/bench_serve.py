@@ -168,7 +168,7 @@ def medium_checkpoint(folder: str) -> str:
     import torch
     import transformers as tf
 
-    from fastlm.runtime.llm import default_model_path
+    from fastlm.model.model_path import DEFAULT_MODEL_DIR
 
     config = tf.LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
@@ -176,7 +176,7 @@ def medium_checkpoint(folder: str) -> str:
     torch.manual_seed(0)
     tf.LlamaForCausalLM(config).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(default_model_path() / name, folder)
+        shutil.copy(DEFAULT_MODEL_DIR / name, folder)
     return folder
 
 
