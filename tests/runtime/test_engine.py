@@ -92,6 +92,32 @@ def test_prefix_cache_hit_on_a_shared_system_prompt(llms, make_engine, reference
     assert cold.stats()["prefix_cache_hit_tokens"] == 0
 
 
+def test_a_long_shared_system_prompt_takes_the_cascade_and_keeps_every_output(llms, make_engine, reference_kernels,
+                                                                           monkeypatch):
+    """Requests arriving together with an 80-token system prompt: their decode steps attend the shared
+    blocks once (cascade, kernels/paged_attention.py) and each output still equals the reference; one
+    request aborted mid-way leaves the others intact and frees its blocks (checked at teardown)."""
+    import fastlm.kernels.paged_attention as paged
+
+    shared_counts = []
+
+    def spy(*args):
+        shared_counts.append(real(*args))
+        return shared_counts[-1]
+    real = paged._shared_blocks
+    monkeypatch.setattr(paged, "_shared_blocks", spy)
+    llm = llms["llama_gqa"]
+    system = list(range(10, 90))  # 5 full blocks of 16 >= CASCADE_MIN_TOKENS
+    prompts = [system + [95 + i] * (1 + i) for i in range(4)]
+    expected = reference_greedy(llm, prompts, 12)
+    engine = make_engine(llm)
+    rids = [engine.add_request(p, SamplingParams(max_new_tokens=12, temperature=0)) for p in prompts]
+    results = run_to_end(engine, on_step=lambda step: engine.abort(rids[2]) if step == 4 else None)
+    assert [results[rids[i]][0] for i in (0, 1, 3)] == [expected[i] for i in (0, 1, 3)]
+    assert len(results[rids[2]][0]) < len(expected[2])
+    assert max(shared_counts) * 16 >= paged.CASCADE_MIN_TOKENS  # the cascade really ran
+
+
 def test_full_prefix_hit_still_computes_the_last_token(llms, make_engine, reference_kernels):
     llm = llms["gpt2"]
     prompt = list(range(10, 42))  # exactly two blocks: the second is recomputed, not reused
