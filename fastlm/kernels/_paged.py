@@ -26,7 +26,7 @@ import triton.language as tl
 
 from fastlm.kernels import _decode  # its LSE combine kernel (referenced through the module: listed there)
 from fastlm.kernels._decode import decode_config, decode_splits, store_split_partial
-from fastlm.kernels._flash import _load_rows, _store_rows, flash_fwd_config
+from fastlm.kernels._flash import _load_rows, _online_softmax_step, _store_rows, flash_fwd_config
 from fastlm.kernels._utils import LOG2E, Launch, device_guard, dot_precision, gpu_arch, head_dim_block, sm_count
 
 
@@ -49,17 +49,8 @@ def _paged_attend(acc, l_i, m_i, q, K, V, TABLE, head_off, stride_b, stride_s, q
         if MASKED:
             visible = (cols[None, :] < seqlen_k) & (cols[None, :] <= q_pos[:, None])
             qk = tl.where(visible, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = m_new
-        p = tl.math.exp2(qk - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(V + tokens[:, None] + offs_d[None, :], cols, seqlen_k, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, qk, v, MASKED, PREC)
     return acc, l_i, m_i
 
 
