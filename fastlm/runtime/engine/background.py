@@ -27,14 +27,21 @@ from fastlm.runtime.sampling import SamplingParams
 
 _END = object()  # delivered once after a request's last output
 _LIVE_LOOPS = weakref.WeakSet()
+_LOOP_THREADS = set()  # every loop thread ever started, joined at exit (a thread drops its loop before it ends)
 
 
 @atexit.register
 def _stop_all_loops() -> None:
-    """Join every loop thread before the interpreter finalizes: a daemon thread still inside a torch op
-    at exit aborts the process ("terminate called without an active exception")."""
+    """Stop and join every loop thread before the interpreter finalizes: a daemon thread still inside a
+    torch op, or still tearing itself down, when finalization starts is killed by a forced unwind through
+    C++ frames, which aborts the process ("terminate called without an active exception"). Threads are
+    joined even when their loop is already gone (an LLM collected before exit stops its loop without
+    waiting): that race made `fastlm generate` abort at exit in most runs."""
     for loop in list(_LIVE_LOOPS):
-        loop.shutdown()
+        loop.shutdown(wait=False)
+    for thread in list(_LOOP_THREADS):
+        if thread is not threading.current_thread():
+            thread.join()
 
 
 class EngineLoop:
@@ -87,6 +94,8 @@ class EngineLoop:
                 self._thread = threading.Thread(target=self._run, name="fastlm-engine", daemon=True)
                 self._thread.start()
                 _LIVE_LOOPS.add(self)
+                _LOOP_THREADS.difference_update([t for t in _LOOP_THREADS if not t.is_alive()])
+                _LOOP_THREADS.add(self._thread)
             self._lock.notify()
 
     # ---- the loop thread ----------------------------------------------------------------------
