@@ -29,7 +29,7 @@ from fastlm.kernels.attention import attention_ref, decode_attention, flash_atte
 from fastlm.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
 from fastlm.kernels.norms import LayerNorm, RMSNorm, layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
 from fastlm.kernels.patch import PatchReport, patch
-from fastlm.kernels.quant import (QuantLinear, dequantize_int4, dequantize_int8, int4_linear, int8_linear,
+from fastlm.kernels.quant import (QuantEmbedding, QuantLinear, dequantize_int4, dequantize_int8, int4_linear, int8_linear,
                                   quantize_int4, quantize_int8)
 
 __all__ = [
@@ -37,5 +37,5 @@ __all__ = [
     "attention_ref", "flash_attention", "decode_attention",
     "paged_decode_attention", "paged_prefill_attention", "patch", "PatchReport",
     "quantize_int8", "quantize_int4", "dequantize_int8", "dequantize_int4", "int8_linear", "int4_linear",
-    "QuantLinear",
+    "QuantLinear", "QuantEmbedding",
 ]

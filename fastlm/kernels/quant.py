@@ -286,3 +286,45 @@ class QuantLinear(nn.Module):
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}, "
                 f"bias={self.bias is not None}")
+
+
+class QuantEmbedding(nn.Module):
+    """A weight-only quantized nn.Embedding: the same buffers as QuantLinear (the table is a
+    (num_embeddings, embedding_dim) weight, rows = output channels), each looked-up row dequantized to
+    `dtype`. A tied LM head (a QuantLinear) shares these buffers: int8's per-row scales and int4's groups
+    along the embedding dimension are exactly the head's per-output-channel and input-column groups."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 8, group_size: int = 128,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+        table = QuantLinear(embedding_dim, num_embeddings, bits, group_size, bias=False, device=device)
+        self.num_embeddings, self.embedding_dim, self.bits = num_embeddings, embedding_dim, bits
+        self.group_size, self.dtype = table.group_size, dtype
+        for name, buffer in table.named_buffers():
+            self.register_buffer(name, buffer)
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, bits: int, group_size: int = 128) -> "QuantEmbedding":
+        w = embedding.weight
+        module = cls(w.shape[0], w.shape[1], bits, group_size, dtype=w.dtype, device="meta")
+        tensors = quantize_int8(w) if bits == 8 else quantize_int4(w, group_size)
+        for name, t in zip(("weight", "weight_scale", "weight_zero"), tensors):
+            setattr(module, name, t)
+        return module
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"ids must be an integer tensor (int32/int64), got {ids.dtype}")
+        flat = ids.reshape(-1)
+        if self.bits == 8:
+            rows = dequantize_int8(self.weight[flat], self.weight_scale[flat], self.dtype)
+        else:
+            rows = dequantize_int4(self.weight[flat], self.weight_scale[flat], self.weight_zero[flat],
+                                   self.embedding_dim, self.dtype)
+        return rows.view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}{group}, dtype={self.dtype}"

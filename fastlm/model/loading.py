@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from fastlm.kernels.quant import QuantEmbedding
 from fastlm.model.checkpoint_files import open_checkpoint
 from fastlm.model.config import ModelConfig
 from fastlm.model.quantize import (QuantConfig, parse_quantize, prepare_quantized, quantize_model, quantized_entries,
-                                   read_quant_config)
+                                   read_quant_config, tie_quantized_head)
 from fastlm.model.weight_map import IGNORED_HF, hf_shapes, normalize_hf_name, weight_map
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -50,7 +51,7 @@ def load_pretrained(cls, path, dtype=None, device=None, quantize=None):
     with torch.device("meta"):
         model = cls(cfg)
         if quant_config is not None:
-            prepare_quantized(model, quant_config)
+            prepare_quantized(model, quant_config, dtype)
     entries = model_weight_map(model)
     with open_checkpoint(folder) as ckpt:
         names = {normalize_hf_name(cfg, n): n for n in ckpt.names}  # normalized -> name in the file
@@ -67,8 +68,8 @@ def load_pretrained(cls, path, dtype=None, device=None, quantize=None):
             state[entry.ours] = tensor
     model.load_state_dict(state, strict=False, assign=True)
     del state
-    if cfg.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear):  # a quantized head has its own weights
-        model.lm_head.weight = model.tok_emb.weight
+    if cfg.tie_embeddings:
+        tie_head(model)
     if model.rotary is not None:
         model.rotary.reset(device)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -98,7 +99,17 @@ def _load_quantizing(cls, folder, dtype, device, quantize):
     target = resolve_dtype(dtype, model.config.torch_dtype)
     for p in model.parameters():
         p.data = p.data.to(target)
+    if isinstance(model.tok_emb, QuantEmbedding):
+        model.tok_emb.dtype = target
     return model
+
+
+def tie_head(model):
+    """A tied LM head reads the token embedding's tensors (float or quantized)."""
+    if isinstance(model.tok_emb, QuantEmbedding):
+        tie_quantized_head(model)
+    else:
+        model.lm_head.weight = model.tok_emb.weight
 
 
 def _check_names_and_shapes(cfg, entries, model, ckpt, names):

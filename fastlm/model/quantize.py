@@ -1,8 +1,9 @@
 """Weight-only quantization of a Transformer's linear layers, and the quantized checkpoint format.
 
 The linear layers of every block (attention wqkv and wo, MLP w_up and w_down) become
-fastlm.kernels.QuantLinear; the token embedding, norms, biases and (unless quantize_head) the LM head stay
-in the model's float dtype. The formats are fastlm.kernels.quant's (int8 per output channel, int4 groups
+fastlm.kernels.QuantLinear; norms and biases stay in the model's float dtype, and so do the token
+embedding and the LM head unless quantize_head: then the embedding becomes a fastlm.kernels.QuantEmbedding
+and the head a QuantLinear in the same format (for tied embeddings one set of tensors serves both). The formats are fastlm.kernels.quant's (int8 per output channel, int4 groups
 of 32/64/128 input columns, padded when the input width is not a multiple of the group).
 
 On disk: the checkpoint folder of the model's family, plus in config.json
@@ -13,7 +14,9 @@ On disk: the checkpoint folder of the model's family, plus in config.json
 and, in model.safetensors, for each quantized HF weight `P.weight` (e.g. model.layers.0.self_attn.q_proj.weight):
 `P.weight` int8 (out, in) or uint8 (out, padded in / 2) -- always (out, in), also for GPT-2's Conv1D
 layers that store float weights transposed --, `P.weight_scale` fp32 and, for int4, `P.weight_zero`
-fp32. A fused layer (Llama's q/k/v, gate/up) is stored per HF part: rows split cleanly because scales
+fp32; with quantize_head also the embedding table (and the untied head). Format version 2 (version 1
+stored a tied model's quantized head as its own copy beside a float embedding: with quantize_head true,
+re-run `fastlm quantize`; without it both versions are the same). A fused layer (Llama's q/k/v, gate/up) is stored per HF part: rows split cleanly because scales
 are per row (int8) or per row and group (int4). Loading reads these tensors as they are (no
 re-quantizing); other float tensors load in the requested dtype. transformers cannot load this format.
 """
@@ -23,13 +26,14 @@ from typing import Optional
 
 from torch import nn
 
-from fastlm.kernels.quant import INT4_GROUP_SIZES, QuantLinear
+from fastlm.kernels.quant import INT4_GROUP_SIZES, QuantEmbedding, QuantLinear
 from fastlm.model.json_files import read_json_object
 from fastlm.model.validation import check_choice
 from fastlm.model.weight_map import Entry
 
 QUANT_METHOD = "fastlm"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 _BLOCK_LINEARS = ("attn.wqkv", "attn.wo", "mlp.w_up", "mlp.w_down")
 
 
@@ -37,7 +41,7 @@ _BLOCK_LINEARS = ("attn.wqkv", "attn.wo", "mlp.w_up", "mlp.w_down")
 class QuantConfig:
     bits: int  # 8 or 4
     group_size: Optional[int] = None  # int4: input columns per scale/zero group
-    quantize_head: bool = False  # also quantize the LM head
+    quantize_head: bool = False  # also quantize the token embedding and the LM head
 
     def __post_init__(self):
         check_choice("bits", self.bits, (8, 4))
@@ -60,13 +64,18 @@ class QuantConfig:
         if method != QUANT_METHOD:
             raise ValueError(f"{source}: quantization_config with quant_method {method!r} is not supported; "
                              f"fastlm loads only its own format (quant_method {QUANT_METHOD!r}, `fastlm quantize`)")
-        if entry.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{source}: quantization format_version {entry.get('format_version')!r} is not "
-                             f"supported (this fastlm reads version {FORMAT_VERSION})")
+        version = entry.get("format_version")
+        if version not in _READABLE_VERSIONS:
+            raise ValueError(f"{source}: quantization format_version {version!r} is not supported (this fastlm "
+                             f"reads versions {', '.join(map(str, _READABLE_VERSIONS))})")
         try:
-            return cls(entry["bits"], entry.get("group_size"), bool(entry.get("quantize_head", False)))
+            qcfg = cls(entry["bits"], entry.get("group_size"), bool(entry.get("quantize_head", False)))
         except (KeyError, ValueError) as e:
             raise ValueError(f"{source}: invalid quantization_config ({e})") from None
+        if version == 1 and qcfg.quantize_head:
+            raise ValueError(f"{source}: format_version 1 with quantize_head (a separate quantized head copy) is no "
+                             "longer read; quantize the original checkpoint again with `fastlm quantize`")
+        return qcfg
 
 
 def parse_quantize(quantize, quantize_head: bool = False) -> Optional[QuantConfig]:
@@ -85,41 +94,79 @@ def quantized_linear_names(model, qcfg: QuantConfig):
 
 
 def quantize_model(model, qcfg: QuantConfig):
-    """Replace the model's linear layers by QuantLinear, quantizing their weights, in place (returns model).
-    The layers must still be plain nn.Linear (quantize before CPU prepacking)."""
-    for name in quantized_linear_names(model, qcfg):
-        linear = model.get_submodule(name)
-        if type(linear) is not nn.Linear:
-            raise ValueError(f"layer {name} is a {type(linear).__name__}, not an nn.Linear: quantize an unquantized, "
-                             "unpacked model")
-        try:
-            quantized = QuantLinear.from_linear(linear, qcfg.bits, qcfg.group_size or 128)
-        except ValueError as e:
-            raise ValueError(f"cannot quantize layer {name} ({linear.out_features} x {linear.in_features}) "
-                             f"to {qcfg.name}: {e}") from None
-        _set_module(model, name, quantized)
+    """Replace the model's linear layers (and with quantize_head its embedding) by quantized modules,
+    quantizing their weights, in place (returns model). The layers must still be plain nn.Linear
+    (quantize before CPU prepacking)."""
+    names = quantized_linear_names(model, qcfg)
+    if qcfg.quantize_head:
+        names.remove("lm_head")
+        model.tok_emb = _quantized_embedding(model.tok_emb, qcfg)
+        _quantize_head(model, qcfg)
+    for name in names:
+        _set_module(model, name, _quantized_linear(model.get_submodule(name), name, qcfg))
     model.quant_config = qcfg
     return model
 
 
-def prepare_quantized(model, qcfg: QuantConfig):
-    """Swap in empty QuantLinear modules (on the model's device, meta while loading) for a checkpoint
-    saved in the quantized format."""
+def _quantized_linear(linear, name, qcfg):
+    if type(linear) is not nn.Linear:
+        raise ValueError(f"layer {name} is a {type(linear).__name__}, not an nn.Linear: quantize an unquantized, "
+                         "unpacked model")
+    try:
+        return QuantLinear.from_linear(linear, qcfg.bits, qcfg.group_size or 128)
+    except ValueError as e:
+        raise ValueError(f"cannot quantize layer {name} ({linear.out_features} x {linear.in_features}) "
+                         f"to {qcfg.name}: {e}") from None
+
+
+def _quantized_embedding(embedding, qcfg):
+    if type(embedding) is not nn.Embedding:
+        raise ValueError(f"tok_emb is a {type(embedding).__name__}, not an nn.Embedding: quantize an unquantized model")
+    try:
+        return QuantEmbedding.from_embedding(embedding, qcfg.bits, qcfg.group_size or 128)
+    except ValueError as e:
+        raise ValueError(f"cannot quantize the token embedding ({embedding.num_embeddings} x "
+                         f"{embedding.embedding_dim}) to {qcfg.name}: {e}") from None
+
+
+def _quantize_head(model, qcfg):
+    """The LM head as a QuantLinear: its own tensors, or for tied embeddings the embedding's."""
+    if not model.config.tie_embeddings:
+        model.lm_head = _quantized_linear(model.lm_head, "lm_head", qcfg)
+        return
+    emb = model.tok_emb
+    head = QuantLinear(emb.embedding_dim, emb.num_embeddings, qcfg.bits, qcfg.group_size or 128, bias=False,
+                       device="meta")
+    model.lm_head = head
+    tie_quantized_head(model)
+
+
+def tie_quantized_head(model):
+    """Point a tied model's quantized head at its quantized embedding's tensors (after loading them)."""
+    for name, buffer in model.tok_emb.named_buffers():
+        setattr(model.lm_head, name, buffer)
+
+
+def prepare_quantized(model, qcfg: QuantConfig, dtype=None):
+    """Swap in empty quantized modules (on the model's device, meta while loading) for a checkpoint saved
+    in the quantized format; dtype: what a quantized embedding returns (default: the model's)."""
     for name in quantized_linear_names(model, qcfg):
         linear = model.get_submodule(name)
         device = linear.weight.device
         _set_module(model, name, QuantLinear(linear.in_features, linear.out_features, qcfg.bits,
                                              qcfg.group_size or 128, linear.bias is not None, device=device))
+    if qcfg.quantize_head:
+        emb = model.tok_emb
+        model.tok_emb = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, qcfg.bits, qcfg.group_size or 128,
+                                       dtype=dtype or emb.weight.dtype, device=emb.weight.device)
     model.quant_config = qcfg
     return model
 
 
 def quantized_entries(entries, model):
     """The weight map of a quantized model: each quantized `.weight` entry also brings `.weight_scale`
-    (and `.weight_zero`), all stored untransposed; a quantized head of tied embeddings gets its own."""
-    quantized = {name + ".weight": m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    if "lm_head.weight" in quantized and not any(e.ours == "lm_head.weight" for e in entries):
-        entries = entries + [Entry("lm_head.weight", ("lm_head.weight",), (model.config.vocab_size,))]
+    (and `.weight_zero`), all stored untransposed; a tied quantized head is stored once, as the embedding."""
+    quantized = {name + ".weight": m for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
     out = []
     for entry in entries:
         if entry.ours not in quantized:

@@ -147,11 +147,11 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.tok_emb.weight.dtype
+        return self.norm.weight.dtype  # the token embedding may be quantized (integers)
 
     @property
     def device(self) -> torch.device:
-        return self.tok_emb.weight.device
+        return self.norm.weight.device
 
     def forward(self, input_ids: torch.Tensor, last_only: bool = False,
                 metadata: Optional[AttentionMetadata] = None) -> torch.Tensor:

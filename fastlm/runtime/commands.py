@@ -24,6 +24,8 @@ def _add_model_args(parser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
                         help="weight-only quantized linear layers (int4 = groups of 128 columns)")
+    parser.add_argument("--quantize-head", action="store_true",
+                        help="with --quantize: also quantize the token embedding and the LM head")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: the physical cores available)")
 
@@ -53,7 +55,8 @@ def run_generate(args) -> int:
     SamplingParams(**options)  # fail before loading the model
     check_text_prompts(args.prompt)
     set_threads(args.threads)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+              quantize_head=args.quantize_head)
     if args.no_stream:
         print(llm.generate(args.prompt, **options))
         return 0
@@ -84,7 +87,8 @@ def run_bench(args) -> int:
     for batch in args.batch_size:
         check_int("batch_size", batch, 1)
     threads = set_threads(args.threads)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+              quantize_head=args.quantize_head)
     context = llm.model.config.max_seq_len
     if args.prompt_len + args.new_tokens > context:
         raise ValueError(f"prompt_len + new_tokens ({args.prompt_len + args.new_tokens}) exceeds the model's "

@@ -69,6 +69,16 @@ def sampling_params(params: Optional[SamplingParams], options: dict) -> Sampling
     return SamplingParams(**options)
 
 
+def _quant_config(quantize, quantize_head):
+    from fastlm.model.quantize import parse_quantize
+
+    if not isinstance(quantize_head, bool):
+        raise ValueError(f"quantize_head must be True or False, got {quantize_head!r}")
+    if quantize_head and quantize is None:
+        raise ValueError("quantize_head=True needs quantize (\"int8\" or \"int4\")")
+    return parse_quantize(quantize, quantize_head) if isinstance(quantize, str) else quantize
+
+
 class LLM:
     """A checkpoint loaded for generation: `model` (fastlm.model.Transformer), `tokenizer`, `engine`
     (fastlm.Engine) and `engine_loop` (the background thread that steps it; submit through it from
@@ -76,10 +86,11 @@ class LLM:
     kv_cache_memory, gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, enable_prefix_caching,
     cuda_graphs) pass through as keywords.
     quantize: None, "int8" or "int4" (also "int4-g32" / "-g64" / "-g128"): weight-only quantized linear
-    layers (fastlm.model.quantize). A checkpoint written by `fastlm quantize` loads quantized as it is."""
+    layers (fastlm.model.quantize); quantize_head=True also quantizes the token embedding and the LM head.
+    A checkpoint written by `fastlm quantize` loads quantized as it is."""
 
     def __init__(self, model: Optional[Union[str, Path]] = None, dtype=None, device=None, quantize=None,
-                 **engine_options):
+                 quantize_head: bool = False, **engine_options):
         from fastlm.model import Transformer, load_tokenizer
 
         unknown = sorted(set(engine_options) - set(ENGINE_OPTIONS))
@@ -87,6 +98,7 @@ class LLM:
             raise ValueError(f"unknown engine option(s) {unknown}; the options are {list(ENGINE_OPTIONS)}")
         path = resolve_model_path(model)
         self.path = path
+        quantize = _quant_config(quantize, quantize_head)
         self.model = Transformer.from_pretrained(path, dtype=dtype, device=resolve_device(device), quantize=quantize)
         if packing_available(self.model.dtype, self.model.device):
             pack_linears(self.model)  # CPU: weights prepacked for oneDNN (see cpu_linear.py)

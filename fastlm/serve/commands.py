@@ -81,8 +81,11 @@ def build_state(args):
     from fastlm.runtime.llm import LLM
     from fastlm.serve.state import ServerState
 
+    from fastlm.runtime.cpu_threads import set_threads
+
+    set_threads(args.threads)
     kv_memory = parse_bytes(args.kv_cache_memory) if args.kv_cache_memory is not None else None
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, quantize_head=args.quantize_head)
     template = load_chat_template(llm.path, llm.tokenizer, args.chat_template)
     engine = Engine(llm.model, llm.eos_token_ids, llm.tokenizer, block_size=args.block_size,
                     kv_cache_memory=kv_memory, gpu_memory_utilization=args.gpu_memory_utilization,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from fastlm.kernels import _quant, _quant_cpu
 from fastlm.kernels._utils import KERNELS_ENV
-from fastlm.kernels.quant import (QuantLinear, dequantize_int4, dequantize_int8, int4_linear, int4_linear_ref,
+from fastlm.kernels.quant import (QuantEmbedding, QuantLinear, dequantize_int4, dequantize_int8, int4_linear, int4_linear_ref,
                                   int8_linear, int8_linear_ref, quantize_int4, quantize_int8)
 from tests.compare import assert_close_by_rule
 from tests.conftest import ON_CUDA
@@ -251,6 +251,24 @@ def test_quant_linear_from_linear(bits):
     ref = F.linear(x.double(), _dequantized(bits, q, 70), linear.bias.double())
     assert_close_by_rule(module(x), ref, F.linear(x, _dequantized(bits, q, 70, torch.float32), linear.bias))
     assert set(dict(module.named_buffers())) == {"weight", "weight_scale"} | ({"weight_zero"} if bits == 4 else set())
+
+
+@pytest.mark.parametrize("bits, dtype", [(8, torch.float32), (4, torch.float32), (8, torch.bfloat16), (4, torch.bfloat16)])
+def test_quant_embedding_looks_up_dequantized_rows(bits, dtype):
+    """Each looked-up row is its dequantized table row (70 columns: int4 pads to 96 with groups of 32),
+    in the module's dtype, for ids of any shape; shares QuantLinear's buffers and formats."""
+    emb = torch.nn.Embedding(37, 70).to(dtype)
+    module = QuantEmbedding.from_embedding(emb, bits, group_size=32)
+    q = [module.weight, module.weight_scale] + ([module.weight_zero] if bits == 4 else [])
+    table = _dequantized(bits, q, 70, dtype)
+    ids = torch.tensor([[0, 36, 5], [5, 5, 1]])
+    out = module(ids)
+    assert out.shape == (2, 3, 70) and out.dtype == dtype and torch.equal(out, table[ids])
+    assert (table.float() - emb.weight.float()).abs().max() <= module.weight_scale.max() / 2 + 1e-2 * (dtype != torch.float32)
+    with pytest.raises(ValueError, match="ids must be an integer tensor"):
+        module(ids.float())
+    with pytest.raises(IndexError):
+        module(torch.tensor([37]))
 
 
 @pytest.mark.parametrize("call, message", [

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import fastlm
 from fastlm.cli import main
-from fastlm.kernels.quant import QuantLinear, dequantize_int4, dequantize_int8
+from fastlm.kernels.quant import QuantEmbedding, QuantLinear, dequantize_int4, dequantize_int8
 from fastlm.model import Transformer
 from fastlm.model.quantize import QuantConfig, quantize_model, quantized_linear_names
 from tests.runtime.conftest import NAMES
@@ -25,15 +25,21 @@ def _logits(llm_or_model, ids=IDS):
         return model(ids)
 
 
+def _dequantized(q, in_features):
+    return dequantize_int8(q.weight, q.weight_scale) if q.bits == 8 else \
+        dequantize_int4(q.weight, q.weight_scale, q.weight_zero, in_features)
+
+
 def _dequantized_float_model(float_model, quantized_model, qcfg):
-    """The float model with each quantized layer's weight replaced by its dequantized copy."""
+    """The float model with each quantized layer's (and embedding's) weight replaced by its dequantized copy."""
     emulated = copy.deepcopy(float_model)
     for name in quantized_linear_names(emulated, qcfg):
         q = quantized_model.get_submodule(name)
-        w = dequantize_int8(q.weight, q.weight_scale) if q.bits == 8 else \
-            dequantize_int4(q.weight, q.weight_scale, q.weight_zero, q.in_features)
         linear = emulated.get_submodule(name)
-        linear.weight = torch.nn.Parameter(w, requires_grad=False)  # unties a tied head, as quantizing does
+        linear.weight = torch.nn.Parameter(_dequantized(q, q.in_features), requires_grad=False)
+    if qcfg.quantize_head:
+        table = _dequantized(quantized_model.tok_emb, quantized_model.tok_emb.embedding_dim)
+        emulated.tok_emb.weight = torch.nn.Parameter(table, requires_grad=False)
     return emulated
 
 
@@ -49,6 +55,58 @@ def test_quantized_model_computes_the_dequantized_model(name, quantize, checkpoi
     emulated = _dequantized_float_model(llms[name].model, llm.model, llm.model.quant_config)
     expected = _logits(emulated)
     assert (_logits(llm) - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("quantize", ["int8", "int4-g32"])
+def test_quantize_head_quantizes_the_embedding_and_the_head(name, quantize, checkpoints, llms, tmp_path,
+                                                            reference_kernels):
+    """quantize_head: the token embedding and the LM head are quantized too; a tied head reads the
+    embedding's own integers (one copy in memory and on disk). Logits equal the float model carrying the
+    dequantized embedding, head and layers, to fp32 rounding, also after a save and reload."""
+    folder = checkpoints[name][0]
+    llm = fastlm.LLM(str(folder), dtype="float32", quantize=quantize, quantize_head=True)
+    model = llm.model
+    assert isinstance(model.tok_emb, QuantEmbedding) and isinstance(model.lm_head, QuantLinear)
+    tied = model.config.tie_embeddings
+    assert tied == (name == "gpt2") and (model.lm_head.weight is model.tok_emb.weight) == tied
+    expected = _logits(_dequantized_float_model(llms[name].model, model, model.quant_config))
+    assert (_logits(llm) - expected).abs().max() <= 1e-4 * expected.abs().max()
+    model.save_pretrained(tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")
+    assert any(k.startswith("lm_head.") for k in stored) == (not tied)
+    table = "transformer.wte.weight" if name == "gpt2" else "model.embed_tokens.weight"
+    assert stored[table].dtype == (torch.int8 if quantize == "int8" else torch.uint8)
+    again = Transformer.from_pretrained(tmp_path)
+    assert (again.lm_head.weight is again.tok_emb.weight) == tied
+    assert torch.equal(_logits(again), _logits(model))
+
+
+def test_quantized_table_is_counted_once_in_weight_bytes(checkpoints, reference_kernels):
+    from fastlm.runtime.bench import weight_bytes_per_step
+
+    model = Transformer.from_pretrained(checkpoints["gpt2"][0], quantize=QuantConfig(8, None, True))
+    head = model.lm_head.weight.numel() + 4 * model.lm_head.weight_scale.numel()
+    without_head = weight_bytes_per_step(Transformer.from_pretrained(checkpoints["gpt2"][0], quantize="int8"))
+    untied_float_head = model.lm_head.weight.numel() * 4  # the fp32 head the unquantized-head model reads
+    assert weight_bytes_per_step(model) == without_head - untied_float_head + head
+
+
+def test_quantize_head_needs_quantize(checkpoints):
+    with pytest.raises(ValueError, match="quantize_head=True needs quantize"):
+        fastlm.LLM(str(checkpoints["gpt2"][0]), quantize_head=True)
+
+
+def test_format_version_1_with_a_separate_head_copy_is_refused(checkpoints, tmp_path):
+    Transformer.from_pretrained(checkpoints["gpt2"][0], quantize="int8").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert Transformer.from_pretrained(tmp_path).quant_config.name == "int8"  # v1 without the head: as v2
+    config["quantization_config"]["quantize_head"] = True
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="format_version 1 with quantize_head .* `fastlm quantize`"):
+        Transformer.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -106,6 +164,30 @@ def test_generate_and_bench_commands_run_quantized(checkpoints, reference_kernel
     code, out, _ = run_cli(capsys, "bench", "--model", folder, "--quantize", "int8", "--batch-size", "1",
                            "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1")
     assert code == 0 and "decode tok/s" in out
+    code, out, _ = run_cli(capsys, "generate", "Once upon", "--model", folder, "--quantize", "int8",
+                           "--quantize-head", "--max-new-tokens", "6", "--temperature", "0")
+    assert code == 0 and out.strip()
+
+
+def test_serve_loads_the_model_quantized(checkpoints, reference_kernels):
+    """`fastlm serve --quantize int4 --quantize-head` builds its engine on the quantized model."""
+    import argparse
+
+    from fastlm.serve.commands import add_parsers, build_state
+
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--model", str(checkpoints["llama_gqa"][0]), "--quantize", "int4",
+                              "--quantize-head", "--threads", "1"])
+    threads = torch.get_num_threads()
+    state = build_state(args)
+    try:
+        model = state.engine.model
+        assert model.quant_config.name == "int4-g128" and isinstance(model.tok_emb, QuantEmbedding)
+        assert torch.get_num_threads() == 1
+    finally:
+        state.shutdown()
+        torch.set_num_threads(threads)
 
 
 def test_bf16_quantized_generation_runs_through_the_engine(checkpoints, reference_kernels):
