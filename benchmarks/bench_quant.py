@@ -9,7 +9,9 @@
 2. Decode (bench_quant_decode.csv): fastlm's runtime (fastlm.LLM(..., quantize=...)) on random GPT-2-124M
    and Llama-150M shaped checkpoints in bf16, int8 and int4-g128, batch 1 and 8: decode tokens/s, weight
    bytes per step, their GB/s and its fraction of the measured read bandwidth, the speedup over fastlm's
-   own bf16, and the model's resident weight bytes relative to bf16. The formats are timed in turns.
+   own bf16, and the model's resident weight bytes relative to bf16 (with the CPU int4 kernel's repacked
+   copies). "+head": the token embedding and LM head quantized too (quantize_head). The formats are timed
+   in turns.
 
     python benchmarks/bench_quant.py --quick           # small shapes and models (CPU: ~1 minute)
     python -m benchmarks.bench_quant --device cuda
@@ -28,13 +30,15 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from benchmarks.bench_generate import FULL, QUICK, save_random_checkpoint  # noqa: E402
 from benchmarks.common import base_parser, check_device, describe_device, plot, time_ms_each, write_csv  # noqa: E402
-from fastlm.kernels import int4_linear, int8_linear, quantize_int4, quantize_int8  # noqa: E402
+from fastlm.kernels import _quant_cpu, int4_linear, int8_linear, quantize_int4, quantize_int8  # noqa: E402
+from fastlm.kernels.quant import QuantLinear  # noqa: E402
 from fastlm.runtime.bench import fastlm_speed, read_bandwidth_gbs, weight_bytes_per_step  # noqa: E402
 
 SHAPES = {"gpt2 qkv": (2304, 768), "gpt2 mlp up": (3072, 768), "gpt2 mlp down": (768, 3072)}
 SHAPES_7B = {"7B qkv": (12288, 4096), "7B mlp up": (22016, 4096), "7B mlp down": (4096, 11008)}  # CUDA only
 QUICK_SHAPES = {"gpt2 qkv": (2304, 768), "gpt2 mlp down": (768, 3072)}
-FORMATS = ("bf16", "int8", "int4")
+FORMATS = ("bf16", "int8", "int4")  # the linears benchmark
+DECODE_FORMATS = ("bf16", "int8", "int4", "int8+head", "int4+head")  # +head: embedding and LM head quantized too
 
 
 def _nbytes(*tensors):
@@ -66,7 +70,14 @@ DECODE_COLUMNS = [("model", 11), ("format", 9), ("batch", 5), ("decode_tok_s", 9
 
 
 def _resident_bytes(model):
-    return sum(_nbytes(t) for t in {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values())
+    """Parameters and buffers, plus the copies the CPU int4 kernel repacks the weights into (cached
+    beside the module's own integers, see fastlm/kernels/_quant_cpu.py)."""
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module.bits == 4:
+            cached = _quant_cpu._int4_cache.get(id(module.weight))
+            tensors.update({id(t): t for t in (cached[3] if cached else ())})
+    return sum(_nbytes(t) for t in tensors.values())
 
 
 def bench_decode(configs, device, batch_sizes, prompt_len, new_tokens, repeats, read_gbs):
@@ -79,9 +90,10 @@ def bench_decode(configs, device, batch_sizes, prompt_len, new_tokens, repeats, 
         for name, (family, kwargs) in configs.items():
             folder = save_random_checkpoint(family, kwargs, os.path.join(tmp, name))
             models = {fmt: fastlm.LLM(folder, dtype="bfloat16", device=device,
-                                      quantize=None if fmt == "bf16" else fmt).model for fmt in FORMATS}
+                                      quantize=None if fmt == "bf16" else fmt.removesuffix("+head"),
+                                      quantize_head=fmt.endswith("+head")).model for fmt in DECODE_FORMATS}
             for batch in batch_sizes:
-                runs = {fmt: [] for fmt in FORMATS}
+                runs = {fmt: [] for fmt in DECODE_FORMATS}
                 for _ in range(repeats):
                     for fmt, model in models.items():
                         runs[fmt].append(fastlm_speed(model, batch, prompt_len, new_tokens, 1)["decode_tok_s"])

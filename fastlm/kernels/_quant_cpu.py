@@ -12,19 +12,20 @@ Candidates per call, x (M, K) 2-D:
 Which is faster depends on the CPU and the activations' dtype: on the development machine (AMD EPYC,
 avx512_bf16, 1 thread, a 2304 x 768 weight) the packed kernels took 43-46 us for one bf16 row against
 109 us for a bf16 F.linear and ~500 us for dequantize + linear, but 1.2-4.7 ms for one fp32 row, and
-5.7-6.9 ms for 128 bf16 rows against 1.6 ms dequantized. So the choice is timed: the first call for a
-(format, dtype, decode or prefill size) runs every candidate a few times on its own inputs and keeps
-the fastest for the rest of the process (`choices()` shows them).
+5.7-6.9 ms for 128 bf16 rows against 1.6 ms dequantized. So the choice is timed by
+fastlm.kernels.cpu_choice (families "int8_linear" / "int4_linear", key: dtype, decode or prefill size,
+threads): the first call for a (format, dtype, size class) on a machine times the candidates on its own
+inputs, the choice is cached on disk for later processes and kept in memory for this one (`choices()`
+shows them); FASTLM_CPU_KERNELS=packed|dequant forces one.
 """
-import statistics
-import time
 import weakref
 
 import torch
 import torch.nn.functional as F
 
+from fastlm.kernels import cpu_choice
+
 DECODE_MAX_ROWS = 16
-_REPEATS = 3
 _choices = {}  # (format, dtype, "decode" | "prefill") -> candidate name
 _int4_cache = {}  # id(packed weight) -> (weakrefs to packed/scale/zero, their versions, dtype, converted tensors)
 
@@ -113,21 +114,10 @@ def _int4_packed(weight, scale, zero, dtype):
 
 
 def _fastest(fmt, x, candidates):
-    """The candidate chosen for (fmt, x's dtype, x's size class), timing them all on the first call."""
-    key = (fmt, x.dtype, "decode" if x.shape[0] <= DECODE_MAX_ROWS else "prefill")
-    if key not in _choices:
-        if len(candidates) == 1:
-            _choices[key] = next(iter(candidates))
-        else:
-            _choices[key] = min(candidates, key=lambda name: _median_seconds(candidates[name]))
-    return candidates.get(_choices[key], candidates["dequant"])
-
-
-def _median_seconds(fn):
-    fn()  # warm up (and the int4 repacking)
-    times = []
-    for _ in range(_REPEATS):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """The candidate chosen for (fmt, x's dtype, x's size class): see the module docstring."""
+    size = "decode" if x.shape[0] <= DECODE_MAX_ROWS else "prefill"
+    memo = (fmt, x.dtype, size)
+    if memo not in _choices:
+        key = f"{str(x.dtype).removeprefix('torch.')}|{size}|threads={torch.get_num_threads()}"
+        _choices[memo] = cpu_choice.choose(f"{fmt}_linear", key, candidates)
+    return candidates.get(_choices[memo], candidates["dequant"])

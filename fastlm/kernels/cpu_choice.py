@@ -36,8 +36,8 @@ import torch
 ENV_FORCE = "FASTLM_CPU_KERNELS"
 ENV_CACHE_DIR = "FASTLM_CACHE_DIR"
 ROUNDS = 5
-# family -> its candidate names; a new family (e.g. the quantized linears: "packed", "dequant") adds a line
-FAMILIES = {"linear": ("aten", "onednn")}
+# family -> its candidate names (fastlm/runtime/cpu_linear.py, fastlm/kernels/_quant_cpu.py)
+FAMILIES = {"linear": ("aten", "onednn"), "int8_linear": ("packed", "dequant"), "int4_linear": ("packed", "dequant")}
 _FORMAT = 1  # version of the file's layout; another version is ignored like a malformed file
 
 

@@ -118,7 +118,13 @@ def _print_kernel_choices(model) -> None:
     from fastlm.kernels import cpu_choice
     from fastlm.runtime.cpu_linear import linear_choices
 
-    choices = linear_choices(model)
+    from fastlm.kernels._quant_cpu import choices as quantized_choices
+    from fastlm.kernels.quant import QuantLinear
+
+    choices = dict(linear_choices(model))
+    formats = {f"int{m.bits}" for m in model.modules() if isinstance(m, QuantLinear)}
+    choices.update({f"{fmt}_linear|{str(dtype).removeprefix('torch.')}|{size}": name
+                    for (fmt, dtype, size), name in quantized_choices().items() if fmt in formats})
     if not choices:
         return
     forced = cpu_choice.forced_choice("linear")

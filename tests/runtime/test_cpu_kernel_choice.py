@@ -53,7 +53,7 @@ def test_forced_choice_skips_timing(cache, timings, monkeypatch):
 
 def test_forced_unknown_name_is_a_clear_error(cache, monkeypatch):
     monkeypatch.setenv(cpu_choice.ENV_FORCE, "mkl")
-    with pytest.raises(ValueError, match="FASTLM_CPU_KERNELS must be auto or one of aten, onednn, got 'mkl'"):
+    with pytest.raises(ValueError, match="FASTLM_CPU_KERNELS must be auto or one of aten, dequant, onednn, packed, got 'mkl'"):
         cpu_choice.choose("linear", "k", _counting_candidates()[1], cache)
 
 
@@ -154,3 +154,30 @@ def test_layers_of_one_shape_share_one_choice(monkeypatch, timings):
 
 def test_size_classes():
     assert [size_class(r) for r in (1, 2, 16, 17, 4096)] == [0, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_linear_choice_is_timed_once_per_machine_and_forcible(monkeypatch, timings, reference_kernels, bits):
+    """The quantized linears' CPU path ("packed" kernel or "dequant" + linear) goes through cpu_choice:
+    timed on the first call, cached on disk (a new process reads it without timing), forcible."""
+    from fastlm.kernels import _quant_cpu
+    from fastlm.kernels.quant import int4_linear, int8_linear, quantize_int4, quantize_int8
+
+    if not (_quant_cpu.int8_packed_available() if bits == 8 else _quant_cpu.int4_packed_available(32)):
+        pytest.skip("no packed quantized kernels in this PyTorch")
+    linear = int8_linear if bits == 8 else int4_linear
+    q = quantize_int8(torch.randn(32, 64)) if bits == 8 else quantize_int4(torch.randn(32, 64), 32)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    monkeypatch.setattr(_quant_cpu, "_choices", {})
+    linear(x, *q)
+    assert timings == [["dequant", "packed"]]
+    cached = json.loads(next((cpu_choice.cache_dir()).glob("cpu_kernels-*.json")).read_text())
+    assert f"int{bits}_linear|bfloat16|decode|threads={torch.get_num_threads()}" in json.dumps(cached)
+    monkeypatch.setattr(_quant_cpu, "_choices", {})  # a later process: the disk cache, no timing
+    cpu_choice._caches.clear()
+    linear(x, *q)
+    assert len(timings) == 1
+    monkeypatch.setattr(_quant_cpu, "_choices", {})
+    monkeypatch.setenv(cpu_choice.ENV_FORCE, "packed")
+    linear(torch.randn(20, 64, dtype=torch.bfloat16), *q)  # prefill size: never timed, forced
+    assert len(timings) == 1 and _quant_cpu.choices()[(f"int{bits}", torch.bfloat16, "prefill")] == "packed"
