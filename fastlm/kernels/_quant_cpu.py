@@ -4,7 +4,8 @@ Candidates per call, x (M, K) 2-D:
   - "packed": torch.ops.aten._weight_int8pack_mm(x, weight int8, scale in x's dtype), and for int4
     _weight_int4pack_mm_for_cpu(x, packed, G, scales_and_zeros (Kp/G, N, 2)) on the weight repacked once by
     _convert_weight_to_int4pack_for_cpu (cached per weight tensor, see _int4_packed). They exist in recent
-    PyTorch only (probed at run time) and the int4 one wants N % 16 == 0.
+    PyTorch only (probed at run time); the int4 one wants N % 16 == 0, so other N (a 50257-token LM head)
+    get zero rows in the repacked copy and their outputs are sliced off.
   - "dequant": the weight dequantized to x's dtype, then F.linear; for int8 in bf16 instead
     F.linear with the integers converted to x's dtype (exact) and the per-channel scale applied to its
     output in fp32: a plain conversion is ~5x faster than torch's mixed int8 x fp32 multiply, and the
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from fastlm.kernels import cpu_choice
 
 DECODE_MAX_ROWS = 16
+INT4_PACK_ROWS = 16  # _convert_weight_to_int4pack_for_cpu wants N % 16 == 0: other N are padded with zero rows
 _choices = {}  # (format, dtype, "decode" | "prefill") -> candidate name
 _int4_cache = {}  # id(packed weight) -> (weakrefs to packed/scale/zero, their versions, dtype, converted tensors)
 
@@ -46,9 +48,8 @@ def int8_packed_available() -> bool:
     return _op("_weight_int8pack_mm") is not None
 
 
-def int4_packed_available(n_out: int) -> bool:
-    return (n_out % 16 == 0 and _op("_weight_int4pack_mm_for_cpu") is not None
-            and _op("_convert_weight_to_int4pack_for_cpu") is not None)
+def int4_packed_available() -> bool:
+    return _op("_weight_int4pack_mm_for_cpu") is not None and _op("_convert_weight_to_int4pack_for_cpu") is not None
 
 
 def int8_linear_cpu(x, weight, scale, bias, dequantize):
@@ -76,7 +77,7 @@ def int8_packed(x, weight, scale, bias):
 def int4_linear_cpu(x, weight, scale, zero, bias, dequantize):
     """dequantize: fastlm.kernels.quant.dequantize_int4."""
     candidates = {"dequant": lambda: F.linear(x, dequantize(weight, scale, zero, x.shape[1], x.dtype), _cast(bias, x))}
-    if int4_packed_available(weight.shape[0]) and x.dtype in (torch.float32, torch.bfloat16):
+    if int4_packed_available() and x.dtype in (torch.float32, torch.bfloat16):
         candidates["packed"] = lambda: int4_packed(x, weight, scale, zero, bias)
     return _fastest("int4", x, candidates)()
 
@@ -86,6 +87,7 @@ def int4_packed(x, weight, scale, zero, bias):
     Kp = 2 * weight.shape[1]
     x = F.pad(x, (0, Kp - x.shape[1])) if x.shape[1] != Kp else x.contiguous()
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, Kp // scale.shape[1], scales_zeros)
+    y = y[:, :weight.shape[0]] if y.shape[1] != weight.shape[0] else y  # rows padded to a multiple of 16
     return y if bias is None else y + bias.to(y.dtype)
 
 
@@ -104,7 +106,9 @@ def _int4_packed(weight, scale, zero, dtype):
         if all(r() is t for r, t in zip(refs, tensors)) and versions == [t._version for t in tensors] \
                 and cached_dtype == dtype:
             return value
+    pad = -weight.shape[0] % INT4_PACK_ROWS  # the packed layout takes whole tiles of 16 output rows
     q = torch.stack((weight & 15, weight >> 4), dim=2).view(weight.shape[0], -1).to(torch.int32)
+    q, scale, zero = (F.pad(t, (0, 0, 0, pad)) for t in (q, scale, zero))  # zero rows: outputs sliced off
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
     scales_zeros = torch.stack((scale.t(), zero.t()), dim=2).to(dtype).contiguous()
     value = (packed, scales_zeros)

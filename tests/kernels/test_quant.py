@@ -189,11 +189,12 @@ def test_cpu_int8_packed_kernel(M, dtype):
 @cpu_only
 @pytest.mark.parametrize("group", [32, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("M, K", [(1, 96), (9, 256)])
-def test_cpu_int4_packed_kernel(M, K, dtype, group):
-    if not _quant_cpu.int4_packed_available(32):
+@pytest.mark.parametrize("M, N, K", [(1, 32, 96), (9, 32, 256), (3, 37, 96)])
+def test_cpu_int4_packed_kernel(M, N, K, dtype, group):
+    """N = 37: the repacked copy takes whole tiles of 16 rows (zero rows added, their outputs sliced off)."""
+    if not _quant_cpu.int4_packed_available():
         pytest.skip("this PyTorch has no aten._weight_int4pack_mm_for_cpu")
-    q, b = quantize_int4(_weight(32, K), group), torch.randn(32).to(dtype)
+    q, b = quantize_int4(_weight(N, K), group), torch.randn(N).to(dtype)
     x = torch.randn(M, K).to(dtype)
     w64 = dequantize_int4(*q, in_features=K, dtype=torch.float64)
     ref, torch_y = F.linear(x.double(), w64, b.double()), F.linear(x, w64.to(dtype), b)

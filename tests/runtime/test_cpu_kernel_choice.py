@@ -163,7 +163,7 @@ def test_quantized_linear_choice_is_timed_once_per_machine_and_forcible(monkeypa
     from fastlm.kernels import _quant_cpu
     from fastlm.kernels.quant import int4_linear, int8_linear, quantize_int4, quantize_int8
 
-    if not (_quant_cpu.int8_packed_available() if bits == 8 else _quant_cpu.int4_packed_available(32)):
+    if not (_quant_cpu.int8_packed_available() if bits == 8 else _quant_cpu.int4_packed_available()):
         pytest.skip("no packed quantized kernels in this PyTorch")
     linear = int8_linear if bits == 8 else int4_linear
     q = quantize_int8(torch.randn(32, 64)) if bits == 8 else quantize_int4(torch.randn(32, 64), 32)
