@@ -264,6 +264,7 @@ def _check_pool(q, k_cache, v_cache, q_heads_dim):
 
 
 def _check_index(name, t, q, shape):
+    """q: the query (or, in the value checks, the pool): the device t must be on."""
     check_tensor(name, t, ndim=len(shape), dtypes=(torch.int32,))
     if shape[0] is not None and t.shape[0] != shape[0]:
         raise ValueError(f"{name} must have {shape[0]} rows, got shape {tuple(t.shape)}")
@@ -271,7 +272,7 @@ def _check_index(name, t, q, shape):
         raise ValueError(f"{name} must be on the same device as q ({q.device}), got {t.device}")
 
 
-def _can_read_values(q):
+def can_read_values(q):
     """Checking values reads them back (a sync): skipped while compiling or capturing a CUDA graph."""
     return not (torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()))
 
@@ -295,7 +296,7 @@ def _check_values(bad_lengths, lengths_error, bad_tables, block_tables, k_cache)
                      f"(num_blocks={k_cache.shape[0]})")
 
 
-def _check_decode(q, k_cache, v_cache, block_tables, seqlens):
+def _check_decode(q, k_cache, v_cache, block_tables, seqlens, check_values):
     check_tensor("q", q, ndim=4)
     _check_pool(q, k_cache, v_cache, q_heads_dim=2)
     B, Sq = q.shape[:2]
@@ -306,8 +307,15 @@ def _check_decode(q, k_cache, v_cache, block_tables, seqlens):
     _check_index("seqlens", seqlens, q, (B,))
     if block_tables.shape[1] == 0:
         raise ValueError("block_tables must have at least one column")
-    if not _can_read_values(q):
-        return
+    if check_values and can_read_values(q):
+        check_decode_values(Sq, k_cache, block_tables, seqlens)
+
+
+def check_decode_values(Sq, k_cache, block_tables, seqlens):
+    """The value checks of paged_decode_attention (one host sync): lengths in range, used table entries
+    naming blocks of the pool. A caller attending every layer over the same tables runs them once."""
+    _check_index("block_tables", block_tables, k_cache, (None, None))
+    _check_index("seqlens", seqlens, k_cache, (block_tables.shape[0],))
     capacity = block_tables.shape[1] * k_cache.shape[1]
     _check_values(((seqlens < Sq) | (seqlens > capacity)).any(),
                   lambda: f"seqlens must be in [Sq={Sq}, max_blocks * block_size={capacity}] (the new tokens are "
@@ -315,7 +323,7 @@ def _check_decode(q, k_cache, v_cache, block_tables, seqlens):
                   _bad_table_entries(block_tables, seqlens, k_cache), block_tables, k_cache)
 
 
-def _check_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seqlens_k):
+def _check_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seqlens_k, check_values):
     check_tensor("q", q, ndim=3)
     _check_pool(q, k_cache, v_cache, q_heads_dim=1)
     _check_index("seqlens_k", seqlens_k, q, (None,))
@@ -326,16 +334,23 @@ def _check_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seqlens_k):
     _check_index("block_tables", block_tables, q, (B, None))
     if block_tables.shape[1] == 0:
         raise ValueError("block_tables must have at least one column")
-    if not _can_read_values(q):
-        return
+    if check_values and can_read_values(q):
+        check_prefill_values(q.shape[0], k_cache, block_tables, cu_seqlens_q, seqlens_k)
+
+
+def check_prefill_values(total_q, k_cache, block_tables, cu_seqlens_q, seqlens_k):
+    """The value checks of paged_prefill_attention (one host sync), as check_decode_values."""
+    _check_index("block_tables", block_tables, k_cache, (None, None))
+    _check_index("seqlens_k", seqlens_k, k_cache, (block_tables.shape[0],))
+    _check_index("cu_seqlens_q", cu_seqlens_q, k_cache, (block_tables.shape[0] + 1,))
     q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-    bad_cu = (cu_seqlens_q[0] != 0) | (cu_seqlens_q[-1] != q.shape[0]) | (q_lens < 0).any()
+    bad_cu = (cu_seqlens_q[0] != 0) | (cu_seqlens_q[-1] != total_q) | (q_lens < 0).any()
     capacity = block_tables.shape[1] * k_cache.shape[1]
     bad_k = ((seqlens_k < q_lens) | (seqlens_k > capacity)).any()
 
     def lengths_error():
         if bool(bad_cu):
-            return f"cu_seqlens_q must rise from 0 to total_q={q.shape[0]}, got {cu_seqlens_q.tolist()}"
+            return f"cu_seqlens_q must rise from 0 to total_q={total_q}, got {cu_seqlens_q.tolist()}"
         return (f"seqlens_k must be in [q_len, max_blocks * block_size={capacity}] per row, got "
                 f"{seqlens_k.tolist()} for query lengths {q_lens.tolist()}")
 
@@ -347,25 +362,28 @@ def _check_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seqlens_k):
 # Public functions
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, seqlens, softmax_scale=None):
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seqlens, softmax_scale=None, check_values=True):
     """Decode attention over a paged KV pool: q (B, Sq <= 8, Hq, D); k_cache, v_cache
     (num_blocks, block_size, Hkv, D); block_tables int32 (B, max_blocks); seqlens int32 (B,) valid tokens
     per row including the Sq new ones. Query s sits at position seqlens[b] - Sq + s -> (B, Sq, Hq, D).
-    softmax_scale defaults to 1/sqrt(D). Lengths and used table entries are checked unless compiling or
-    capturing a CUDA graph."""
-    _check_decode(q, k_cache, v_cache, block_tables, seqlens)
+    softmax_scale defaults to 1/sqrt(D). Lengths and used table entries are checked (a host sync) unless
+    compiling, capturing a CUDA graph, or check_values=False: for a caller that ran check_decode_values
+    once on tables every layer shares."""
+    _check_decode(q, k_cache, v_cache, block_tables, seqlens, check_values)
     scale = _resolve_scale(softmax_scale, q.shape[-1])
     if not torch.compiler.is_compiling() and not use_triton(q):
         return paged_decode_ref(q, k_cache, v_cache, block_tables, seqlens, scale)  # eager CPU: no op dispatch
     return paged_decode_attn(q, k_cache, v_cache, block_tables, seqlens, scale)
 
 
-def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seqlens_k, softmax_scale=None):
+def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seqlens_k, softmax_scale=None,
+                            check_values=True):
     """Varlen causal prefill over a paged KV pool: q (total_q, Hq, D) packs B rows, row b's queries at
     q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]]; seqlens_k int32 (B,) keys per row (cached prefix + this chunk,
     already written to the pool); block_tables int32 (B, max_blocks). Causal, bottom-right aligned: row b's
-    query i sits at position seqlens_k[b] - q_len_b + i -> (total_q, Hq, D)."""
-    _check_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seqlens_k)
+    query i sits at position seqlens_k[b] - q_len_b + i -> (total_q, Hq, D). check_values as in
+    paged_decode_attention (check_prefill_values)."""
+    _check_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seqlens_k, check_values)
     scale = _resolve_scale(softmax_scale, q.shape[-1])
     if not torch.compiler.is_compiling() and not use_triton(q):
         return paged_prefill_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seqlens_k, scale)

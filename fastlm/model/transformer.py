@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastlm.kernels import LayerNorm, RMSNorm, flash_attention, paged_decode_attention, paged_prefill_attention
+from fastlm.kernels.paged_attention import can_read_values, check_decode_values, check_prefill_values
 from fastlm.model.attention_metadata import AttentionMetadata
 from fastlm.model.config import ModelConfig
 from fastlm.model.rope import Rotary, apply_rope
@@ -80,11 +81,12 @@ class Attention(nn.Module):
         v_pool.view(-1, Hkv, D).index_copy_(0, meta.slot_mapping, v)
         nd, parts = meta.num_decodes, []
         if nd:
-            out = paged_decode_attention(q[:nd, None], k_pool, v_pool, meta.decode_block_tables, meta.decode_seqlens)
+            out = paged_decode_attention(q[:nd, None], k_pool, v_pool, meta.decode_block_tables, meta.decode_seqlens,
+                                         check_values=False)  # checked once per step: _check_metadata
             parts.append(out[:, 0])  # (nd, 1, Hq, D) -> (nd, Hq, D)
         if meta.num_prefills:
             parts.append(paged_prefill_attention(q[nd:], k_pool, v_pool, meta.prefill_block_tables,
-                                                 meta.prefill_cu_seqlens_q, meta.prefill_seqlens_k))
+                                                 meta.prefill_cu_seqlens_q, meta.prefill_seqlens_k, check_values=False))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -216,6 +218,13 @@ class Transformer(nn.Module):
         if pool.dtype != self.dtype or pool.device != self.device or meta.v_pool.shape != pool.shape:
             raise ValueError(f"metadata's pools must have the model's dtype/device ({self.dtype}, {self.device}) "
                              f"and one shape, got ({pool.dtype}, {pool.device}) and {tuple(meta.v_pool.shape)}")
+        if can_read_values(input_ids):  # once per step, not per layer (each check is a host sync)
+            k_cache = pool[0]
+            if meta.num_decodes:
+                check_decode_values(1, k_cache, meta.decode_block_tables, meta.decode_seqlens)
+            if meta.num_prefills:
+                check_prefill_values(input_ids.shape[0] - meta.num_decodes, k_cache, meta.prefill_block_tables,
+                                     meta.prefill_cu_seqlens_q, meta.prefill_seqlens_k)
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None, quantize=None) -> "Transformer":

@@ -66,3 +66,28 @@ def test_metadata_validation(model):
             model(ids, metadata=AttentionMetadata(**dict(good, k_pool=rows.k[..., :8], v_pool=rows.v[..., :8])))
         with pytest.raises(ValueError, match="model's dtype"):
             model(ids, metadata=AttentionMetadata(**dict(good, k_pool=rows.k.double(), v_pool=rows.v.double())))
+
+
+def test_metadata_values_are_checked_once_per_step(model, monkeypatch):
+    """Lengths and block tables are read back (a host sync on a GPU) once per forward, not once per layer,
+    and a bad value still fails with the kernel's message before any layer runs."""
+    import fastlm.kernels.paged_attention as paged
+    import fastlm.model.transformer as transformer
+
+    rows = PagedRows(model, 2, 12)
+    rows.step({0: [1, 2, 3], 1: [4, 5]})  # two prefills, then a step with a decode row and a prefill chunk
+    calls = {"decode": 0, "prefill": 0}
+    for kind in calls:
+        real = getattr(transformer, f"check_{kind}_values")
+
+        def counted(*args, kind=kind, real=real):
+            calls[kind] += 1
+            return real(*args)
+        for module in (transformer, paged):  # the model's own call and the kernels' per-call checks
+            monkeypatch.setattr(module, f"check_{kind}_values", counted)
+    with torch.no_grad():
+        rows.step({0: [6], 1: [7, 8]})
+    assert calls == {"decode": 1, "prefill": 1} and model.config.n_layer > 1
+    rows.tables[0][0] = rows.k.shape[1] + 3  # a table entry past the pool
+    with torch.no_grad(), pytest.raises(ValueError, match=r"block_tables\[0, 0\] = \d+ is not a block of the pool"):
+        rows.step({0: [9]})
