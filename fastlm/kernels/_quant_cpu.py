@@ -15,7 +15,7 @@ avx512_bf16, 1 thread, a 2304 x 768 weight) the packed kernels took 43-46 us for
 109 us for a bf16 F.linear and ~500 us for dequantize + linear, but 1.2-4.7 ms for one fp32 row, and
 5.7-6.9 ms for 128 bf16 rows against 1.6 ms dequantized. So the choice is timed by
 fastlm.kernels.cpu_choice (families "int8_linear" / "int4_linear", key: dtype, decode or prefill size,
-threads): the first call for a (format, dtype, size class) on a machine times the candidates on its own
+weight shape, threads): the first call for a (format, dtype, size class, shape) on a machine times the candidates on its own
 inputs, the choice is cached on disk for later processes and kept in memory for this one (`choices()`
 shows them); FASTLM_CPU_KERNELS=packed|dequant forces one.
 """
@@ -28,12 +28,12 @@ from fastlm.kernels import cpu_choice
 
 DECODE_MAX_ROWS = 16
 INT4_PACK_ROWS = 16  # _convert_weight_to_int4pack_for_cpu wants N % 16 == 0: other N are padded with zero rows
-_choices = {}  # (format, dtype, "decode" | "prefill") -> candidate name
+_choices = {}  # (format, dtype, "decode" | "prefill", "NxK") -> candidate name
 _int4_cache = {}  # id(packed weight) -> (weakrefs to packed/scale/zero, their versions, dtype, converted tensors)
 
 
 def choices() -> dict:
-    """The decisions made so far in this process: {(format, dtype, size class): candidate}."""
+    """The decisions made so far in this process: {(format, dtype, size class, "NxK"): candidate}."""
     return dict(_choices)
 
 
@@ -60,7 +60,7 @@ def int8_linear_cpu(x, weight, scale, bias, dequantize):
         candidates = {"dequant": lambda: _scaled_after(F.linear(x, weight.to(x.dtype)), scale, bias)}
     if int8_packed_available() and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
         candidates["packed"] = lambda: int8_packed(x, weight, scale, bias)
-    return _fastest("int8", x, candidates)()
+    return _fastest("int8", x, weight.shape, candidates)()
 
 
 def _scaled_after(y, scale, bias):
@@ -79,7 +79,7 @@ def int4_linear_cpu(x, weight, scale, zero, bias, dequantize):
     candidates = {"dequant": lambda: F.linear(x, dequantize(weight, scale, zero, x.shape[1], x.dtype), _cast(bias, x))}
     if int4_packed_available() and x.dtype in (torch.float32, torch.bfloat16):
         candidates["packed"] = lambda: int4_packed(x, weight, scale, zero, bias)
-    return _fastest("int4", x, candidates)()
+    return _fastest("int4", x, (weight.shape[0], x.shape[1]), candidates)()
 
 
 def int4_packed(x, weight, scale, zero, bias):
@@ -117,11 +117,14 @@ def _int4_packed(weight, scale, zero, dtype):
     return value
 
 
-def _fastest(fmt, x, candidates):
-    """The candidate chosen for (fmt, x's dtype, x's size class): see the module docstring."""
+def _fastest(fmt, x, weight_shape, candidates):
+    """The candidate chosen for (fmt, x's dtype, x's size class, the weight's shape): see the module
+    docstring. Per shape: one choice for every layer picked dequantize + linear for a 32000-row int8 LM
+    head after timing a 768-wide layer (converting the whole head each step)."""
     size = "decode" if x.shape[0] <= DECODE_MAX_ROWS else "prefill"
-    memo = (fmt, x.dtype, size)
+    shape = "x".join(map(str, weight_shape))
+    memo = (fmt, x.dtype, size, shape)
     if memo not in _choices:
-        key = f"{str(x.dtype).removeprefix('torch.')}|{size}|threads={torch.get_num_threads()}"
+        key = f"{str(x.dtype).removeprefix('torch.')}|{size}|{shape}|threads={torch.get_num_threads()}"
         _choices[memo] = cpu_choice.choose(f"{fmt}_linear", key, candidates)
     return candidates.get(_choices[memo], candidates["dequant"])

@@ -123,8 +123,8 @@ def _print_kernel_choices(model) -> None:
 
     choices = dict(linear_choices(model))
     formats = {f"int{m.bits}" for m in model.modules() if isinstance(m, QuantLinear)}
-    choices.update({f"{fmt}_linear|{str(dtype).removeprefix('torch.')}|{size}": name
-                    for (fmt, dtype, size), name in quantized_choices().items() if fmt in formats})
+    choices.update({f"{fmt}_linear|{str(dtype).removeprefix('torch.')}|{size}|{shape}": name
+                    for (fmt, dtype, size, shape), name in quantized_choices().items() if fmt in formats})
     if not choices:
         return
     forced = cpu_choice.forced_choice("linear")

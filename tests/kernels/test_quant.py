@@ -217,7 +217,7 @@ def test_cpu_int4_repacking_is_cached_and_follows_in_place_changes():
 def test_cpu_dispatch_matches_reference(reference_kernels, bits, M):
     """Interpreter off: the timed choice (packed kernel or dequantize + linear), whichever it is."""
     _check_linear(bits, M, 32, 64, torch.bfloat16, group=32)
-    assert (f"int{bits}", torch.bfloat16, "decode" if M <= 16 else "prefill") in _quant_cpu.choices()
+    assert (f"int{bits}", torch.bfloat16, "decode" if M <= 16 else "prefill", "32x64") in _quant_cpu.choices()
 
 
 @cpu_only
@@ -226,7 +226,8 @@ def test_cpu_dispatch_matches_reference(reference_kernels, bits, M):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_cpu_each_candidate_matches_reference(reference_kernels, monkeypatch, bits, dtype, candidate):
     """Every CPU candidate the timing may pick (bf16 int8 "dequant" scales the output instead of the weight)."""
-    monkeypatch.setattr(_quant_cpu, "_choices", {(f"int{bits}", dtype, size): candidate for size in ("decode", "prefill")})
+    monkeypatch.setattr(_quant_cpu, "_choices", {})
+    monkeypatch.setenv("FASTLM_CPU_KERNELS", candidate)
     for M in (3, 20):
         _check_linear(bits, M, 32, 64, dtype, group=32)
 
@@ -235,8 +236,8 @@ def test_cpu_each_candidate_matches_reference(reference_kernels, monkeypatch, bi
 @pytest.mark.parametrize("candidate", ["dequant", "packed"])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_cpu_candidates_read_strided_weight_and_scales(reference_kernels, monkeypatch, bits, candidate):
-    monkeypatch.setattr(_quant_cpu, "_choices", {(f"int{bits}", torch.bfloat16, size): candidate
-                                                 for size in ("decode", "prefill")})
+    monkeypatch.setattr(_quant_cpu, "_choices", {})
+    monkeypatch.setenv("FASTLM_CPU_KERNELS", candidate)
     for M in (3, 20):
         _check_strided_views(bits, M, torch.bfloat16)
 

@@ -172,7 +172,7 @@ def test_quantized_linear_choice_is_timed_once_per_machine_and_forcible(monkeypa
     linear(x, *q)
     assert timings == [["dequant", "packed"]]
     cached = json.loads(next((cpu_choice.cache_dir()).glob("cpu_kernels-*.json")).read_text())
-    assert f"int{bits}_linear|bfloat16|decode|threads={torch.get_num_threads()}" in json.dumps(cached)
+    assert f"int{bits}_linear|bfloat16|decode|32x64|threads={torch.get_num_threads()}" in json.dumps(cached)
     monkeypatch.setattr(_quant_cpu, "_choices", {})  # a later process: the disk cache, no timing
     cpu_choice._caches.clear()
     linear(x, *q)
@@ -180,4 +180,8 @@ def test_quantized_linear_choice_is_timed_once_per_machine_and_forcible(monkeypa
     monkeypatch.setattr(_quant_cpu, "_choices", {})
     monkeypatch.setenv(cpu_choice.ENV_FORCE, "packed")
     linear(torch.randn(20, 64, dtype=torch.bfloat16), *q)  # prefill size: never timed, forced
-    assert len(timings) == 1 and _quant_cpu.choices()[(f"int{bits}", torch.bfloat16, "prefill")] == "packed"
+    assert len(timings) == 1 and _quant_cpu.choices()[(f"int{bits}", torch.bfloat16, "prefill", "32x64")] == "packed"
+    monkeypatch.delenv(cpu_choice.ENV_FORCE)
+    other = quantize_int8(torch.randn(48, 64)) if bits == 8 else quantize_int4(torch.randn(48, 64), 32)
+    linear(x, *other)  # another weight shape: its own choice, timed
+    assert len(timings) == 2
