@@ -123,6 +123,8 @@ def _decode_rows_cpu(q, k_cache, v_cache, block_tables, lengths, scale):
     G = Hq // Hkv  # the query heads of a KV head attend as G queries of it: no K/V head repeat
     q32 = q.float().view(B, Hkv, G, D)
     shared = _shared_blocks(block_tables, lengths, block_size)
+    if B == 1:  # batch-1 decode: one attention call, nothing to merge (4 fewer ops per layer)
+        return _attend_row(q32, k_cache, v_cache, block_tables[0], lengths[0], scale).view(1, 1, Hq, D).to(q.dtype)
     start = shared * block_size
     out = torch.empty((B, Hkv, G, D), dtype=torch.float32, device=q.device)
     lse = torch.full((B, Hkv, G), float("-inf"), device=q.device)
@@ -146,6 +148,14 @@ def _decode_rows_cpu(q, k_cache, v_cache, block_tables, lengths, scale):
         w_tail, w_shared = torch.exp(lse - top), torch.exp(l - top)
         out = (out * w_tail[..., None] + o * w_shared[..., None]) / (w_tail + w_shared)[..., None]
     return out.view(B, 1, Hq, D).to(q.dtype)
+
+
+def _attend_row(q32, k_cache, v_cache, table, length, scale):
+    """One row's fp32 attention over its first length tokens: q32 (1, Hkv, G, D) -> (1, Hkv, G, D)."""
+    blocks = table[:-(-length // k_cache.shape[1])].long()
+    k = _gather_rows(k_cache, blocks, length).transpose(0, 1)[None]  # (1, Hkv, length, D)
+    v = _gather_rows(v_cache, blocks, length).transpose(0, 1)[None]
+    return _attend_lse(q32, k, v, scale)[0]
 
 
 def _shared_blocks(block_tables, lengths, block_size) -> int:

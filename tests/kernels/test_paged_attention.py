@@ -93,6 +93,7 @@ def check_prefill(case, dtype, block_size, scale=None):
 # (Sq, Hq, Hkv, D, lengths): GQA 1/4/8 and MQA, ragged lengths including 1 (or Sq), odd head dims
 DECODE_CASES = [
     (1, 4, 1, 32, [1, 40, 17]),
+    (1, 6, 2, 64, [45]),  # one row: the batch-1 CPU path
     (1, 8, 2, 80, [33, 33]),
     (4, 8, 1, 64, [4, 29]),
     (8, 16, 2, 128, [35, 8, 9]),
