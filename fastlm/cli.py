@@ -4,6 +4,7 @@ Each subcommand lives beside the code it drives and registers itself here throug
 `add_parsers(subparsers)` (one function per module, returning nothing); the parser's `func(args)` runs
 it. Whatever happens, the command prints at most one line on stderr, never a traceback:
 - a ValueError / FileNotFoundError raised by the API (a user error): its message, exit code 2;
+- RankFailed (another rank of a distributed run died or stopped answering): its message, exit code 1;
 - Ctrl-C (also while the modules are still being imported): exit code 130;
 - a closed output pipe (`fastlm generate ... | head -c 20`): quiet, exit code 141 like Unix tools
   killed by SIGPIPE; another OSError (disk full, a permission): its reason, exit code 1.
@@ -37,12 +38,17 @@ def build_parser():
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        from fastlm.model.collectives import RankFailed
+
         try:
             result = args.func(args)
             sys.stdout.flush()  # write errors (a closed pipe, a full disk) surface here, not at exit
         except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
             print(f"fastlm {args.command}: error: {exc}", file=sys.stderr)
             return 2
+        except RankFailed as exc:  # another process of a distributed run died or stopped answering
+            print(f"fastlm {args.command}: error: {exc}", file=sys.stderr)
+            return 1
         return int(result or 0)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

@@ -89,15 +89,23 @@ def _all_reduce(x, group):
 
 
 class RowParallelLinear(nn.Linear):
-    """y = sum over ranks of x_r @ W_r^T (+ bias once): the input's last dim is split across the ranks."""
+    """y = sum over ranks of x_r @ W_r^T (+ bias once): the input's last dim is split across the ranks.
+    Like ParallelLMHead, a local product then `finish` (the collective), with `local_bias`: the CPU
+    runtime swaps the product for a prepacked one (fastlm.runtime.cpu_linear) and keeps the rest."""
 
     def __init__(self, in_features, out_features, bias, shard: Shard):
         super().__init__(in_features, out_features, bias=bias)
         self.rank, self.group = shard.rank, shard.group
 
-    def forward(self, x):
-        y = F.linear(x, self.weight, self.bias if self.rank == 0 else None)
+    @property
+    def local_bias(self):
+        return self.bias if self.rank == 0 else None  # added once, before the all-reduce
+
+    def finish(self, y):
         return _all_reduce(y, self.group)
+
+    def forward(self, x):
+        return self.finish(F.linear(x, self.weight, self.local_bias))
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -123,8 +131,13 @@ class ParallelLMHead(nn.Linear):
         self.vocab_size = shard.full.vocab_size
         self.dst = 0 if shard.group is None else dist.get_global_rank(shard.group, 0)
 
+    local_bias = None
+
     def forward(self, x):
-        logits = F.linear(x, self.weight).contiguous()  # (B, T, V_pad / N)
+        return self.finish(F.linear(x, self.weight))
+
+    def finish(self, logits):
+        logits = logits.contiguous()  # (B, T, V_pad / N)
         parts = [torch.empty_like(logits) for _ in range(self.world)] if self.rank == 0 else None
         dist.gather(logits, parts, dst=self.dst, group=self.group)
         if self.rank != 0:

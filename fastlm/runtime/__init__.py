@@ -5,6 +5,8 @@
     prompts.py     prompt validation
     engine/        the engine: paged KV pool, scheduler (continuous batching, chunked prefill,
                    preemption), prefix cache, per-request sampling, the background step loop
+    parallel/      tensor-parallel inference: the ranks (spawned or torchrun's), rank 0's engine sending
+                   each step to the others, heartbeats and failures
     cuda_graph.py  pure-decode engine steps replayed from CUDA graphs per batch bucket (GPU)
     cpu_linear.py  oneDNN-prepacked linear layers (CPU)
     results.py     Completion (return_details=True) and the shapes of results

@@ -8,6 +8,7 @@ ignores eos (every row runs the full length), so both engines do the same work.
 - transformers: generate() with a streamer noting the time of each step: prefill = up to the first new
   token (it includes generate's setup, which is part of what a user waits for), decode = the N steps
   after it.
+engine_speed times a given engine the same way (`fastlm bench` times its LLM's, tensor-parallel or not).
 Weight bytes per step: every parameter a decode step reads (linear layers, norms, the lm_head), not
 the input embedding table (it reads B rows of it) nor learned positions; quantized layers count their
 integer weights and scales.
@@ -38,6 +39,19 @@ def weight_bytes_per_step(model) -> int:
     return total
 
 
+def whole_model_weight_bytes(model) -> int:
+    """weight_bytes_per_step of the whole model, also for one rank's shard of a tensor-parallel model
+    (counted on a meta-device copy of the whole model: no memory)."""
+    shard = getattr(model, "shard", None)
+    if shard is None:
+        return weight_bytes_per_step(model)
+    from fastlm.model import Transformer
+
+    with torch.device("meta"):
+        whole = Transformer(shard.full).to(model.dtype)
+    return weight_bytes_per_step(whole)
+
+
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -64,9 +78,15 @@ def bench_engine(model, batch_size: int, length: int, **options) -> Engine:
 
 def fastlm_speed(model, batch_size: int, prompt_len: int, new_tokens: int, repeats: int = 3) -> dict:
     """{'prefill_tok_s', 'decode_tok_s'} of fastlm's engine (median of `repeats`, after a warmup)."""
-    prompts = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len)).tolist()
     engine = bench_engine(model, batch_size, prompt_len + new_tokens + 1,
                           max_num_batched_tokens=batch_size * prompt_len)
+    return engine_speed(engine, batch_size, prompt_len, new_tokens, repeats)
+
+
+def engine_speed(engine: Engine, batch_size: int, prompt_len: int, new_tokens: int, repeats: int = 3) -> dict:
+    """fastlm_speed on a given engine, which must run batch_size sequences at once, prefill their prompts
+    in one step and have prefix caching off (as bench_engine's); e.g. a tensor-parallel LLM's engine."""
+    prompts = torch.randint(0, engine.model.config.vocab_size, (batch_size, prompt_len)).tolist()
     params = SamplingParams(max_new_tokens=new_tokens + 1, temperature=0, ignore_eos=True)
 
     def run():

@@ -5,7 +5,7 @@ Errors are the API's ValueErrors; fastlm/cli.py prints them as one line and exit
 """
 import sys
 
-from fastlm.model.validation import check_int
+from fastlm.model.validation import check_int, check_number
 from fastlm.runtime.cpu_threads import set_threads
 from fastlm.runtime.sampling import SamplingParams
 
@@ -27,7 +27,42 @@ def _add_model_args(parser) -> None:
     parser.add_argument("--quantize-head", action="store_true",
                         help="with --quantize: also quantize the token embedding and the LM head")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: the physical cores available)")
+                        help="CPU threads for torch (default: the physical cores available), per rank with "
+                             "--tensor-parallel-size (default: the physical cores / the ranks)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                        help="split the model across N processes (CPU: gloo; CUDA: one GPU each; "
+                             "under torchrun: its N ranks)")
+    parser.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                        help="with --tensor-parallel-size: seconds a rank waits for the others before failing "
+                             "(default 300)")
+
+
+def check_model_args(args) -> None:
+    """The model flags that can be checked before the model loads."""
+    check_int("tensor_parallel_size", args.tensor_parallel_size, 1)
+    check_int("threads", args.threads, 1, optional=True)
+    check_number("dist_timeout", args.dist_timeout, 0, min_open=True, optional=True)
+    if args.tensor_parallel_size > 1 and getattr(args, "quantize", None) is not None:
+        raise ValueError("--quantize is not available with --tensor-parallel-size > 1")
+    if getattr(args, "quantize_head", False) and getattr(args, "quantize", None) is None:
+        raise ValueError("--quantize-head needs --quantize (int8 or int4)")
+
+
+def load_llm(args, **engine_options):
+    """(LLM of the model flags, CPU threads per rank): one process with --threads torch threads, or
+    --tensor-parallel-size ranks with --threads each."""
+    from fastlm.runtime.llm import LLM
+
+    quantize = getattr(args, "quantize", None)
+    if args.tensor_parallel_size == 1:
+        threads = set_threads(args.threads)
+        return LLM(args.model, dtype=args.dtype, device=args.device, quantize=quantize,
+                   quantize_head=getattr(args, "quantize_head", False), **engine_options), threads
+    timeout = {} if args.dist_timeout is None else {"dist_timeout": args.dist_timeout}
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=quantize,
+              tensor_parallel_size=args.tensor_parallel_size, threads_per_rank=args.threads, **timeout,
+              **engine_options)
+    return llm, llm.parallel.threads
 
 
 def _add_generate(subparsers) -> None:
@@ -47,23 +82,23 @@ def _add_generate(subparsers) -> None:
 
 
 def run_generate(args) -> int:
-    from fastlm.runtime.llm import LLM, check_text_prompts
+    from fastlm.runtime.llm import check_text_prompts
 
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                    stop=args.stop, seed=args.seed)
     SamplingParams(**options)  # fail before loading the model
     check_text_prompts(args.prompt)
-    set_threads(args.threads)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-              quantize_head=args.quantize_head)
-    if args.no_stream:
-        print(llm.generate(args.prompt, **options))
-        return 0
-    for piece in llm.stream(args.prompt, **options):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    check_model_args(args)
+    llm, _ = load_llm(args)
+    with llm:  # closing stops the other tensor-parallel ranks
+        if args.no_stream:
+            print(llm.generate(args.prompt, **options))
+            return 0
+        for piece in llm.stream(args.prompt, **options):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
     return 0
 
 
@@ -79,29 +114,35 @@ def _add_bench(subparsers) -> None:
 
 
 def run_bench(args) -> int:
-    from fastlm.runtime import bench
-    from fastlm.runtime.llm import LLM
-
     for name in ("prompt_len", "new_tokens", "repeats"):
         check_int(name, getattr(args, name), 1)
     for batch in args.batch_size:
         check_int("batch_size", batch, 1)
-    threads = set_threads(args.threads)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-              quantize_head=args.quantize_head)
+    check_model_args(args)
+    largest = max(args.batch_size)  # the engine prefills every prompt in one step, recomputing each repeat
+    llm, threads = load_llm(args, max_num_seqs=largest, max_num_batched_tokens=largest * args.prompt_len,
+                            enable_prefix_caching=False)
+    with llm:  # closing stops the other tensor-parallel ranks
+        _bench(args, llm, threads)
+    return 0
+
+
+def _bench(args, llm, threads) -> None:
+    from fastlm.runtime import bench
+
     context = llm.model.config.max_seq_len
     if args.prompt_len + args.new_tokens > context:
         raise ValueError(f"prompt_len + new_tokens ({args.prompt_len + args.new_tokens}) exceeds the model's "
                          f"context ({context})")
     hf_model = _load_hf(llm) if args.compare_hf else None
-    weight_gb = bench.weight_bytes_per_step(llm.model) / 1e9
+    weight_gb = bench.whole_model_weight_bytes(llm.model) / 1e9
     print(f"model {llm.path} ({llm.model.config.model_type}, {llm.model.dtype}, {llm.device}); "
-          f"prompt {args.prompt_len}, {args.new_tokens} new tokens; weights {weight_gb:.4g} GB per step"
-          + (f"; {threads} CPU threads" if llm.device.type == "cpu" else ""))
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens; weights {weight_gb:.4g} GB per step; "
+          + _configuration(args.tensor_parallel_size, threads if llm.device.type == "cpu" else None))
     header = f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'weights GB/s':>13}"
     print(header + (f" {'HF prefill':>11} {'HF decode':>10} {'decode x HF':>11}" if hf_model else ""))
     for batch in args.batch_size:
-        ours = bench.fastlm_speed(llm.model, batch, args.prompt_len, args.new_tokens, args.repeats)
+        ours = bench.engine_speed(llm.engine, batch, args.prompt_len, args.new_tokens, args.repeats)
         line = (f"{batch:>5} {ours['prefill_tok_s']:>14.1f} {ours['decode_tok_s']:>13.1f} "
                 f"{ours['decode_tok_s'] / batch * weight_gb:>13.2f}")
         if hf_model is not None:
@@ -110,7 +151,12 @@ def run_bench(args) -> int:
                      f"{ours['decode_tok_s'] / theirs['decode_tok_s']:>11.2f}")
         print(line, flush=True)
     _print_kernel_choices(llm.model)
-    return 0
+
+
+def _configuration(ranks: int, threads) -> str:
+    """'1 rank x 2 CPU threads', '2 ranks (tensor-parallel) x 1 CPU threads'; no threads on a GPU."""
+    text = "1 rank" if ranks == 1 else f"{ranks} ranks (tensor-parallel)"
+    return text if threads is None else f"{text} x {threads} CPU threads"
 
 
 def _print_kernel_choices(model) -> None:

@@ -15,7 +15,8 @@ the choices; a size class is decided at its first call, timed on a pass over sev
 weights (as a decode step reads them: from memory, not from a cache holding one weight). Smaller
 weights stay nn.Linear (a packed call costs ~10 us more; call overhead dominates there). Inference
 only: no autograd through the packed weight, and it does not follow later changes of the Parameters
-(call pack_linears again after loading new weights).
+(call pack_linears again after loading new weights). The tensor-parallel layers of
+fastlm.model.parallel are packed too (PackedParallelLinear: the packed product, then their collective).
 """
 import torch
 import torch.nn.functional as F
@@ -113,20 +114,41 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class PackedParallelLinear(PackedLinear):
+    """A tensor-parallel layer (fastlm.model.parallel: RowParallelLinear, ParallelLMHead) with its local
+    product packed: y = finish(x W_r^T + local_bias), finish being its all-reduce or gather."""
+
+    def __init__(self, layer: nn.Linear, batch_hint: int = 8, group: LinearShapeGroup = None):
+        super().__init__(layer, batch_hint, group)
+        bias = layer.local_bias
+        self._bias = None if bias is None else bias.detach()  # the bias counts on one rank only
+        self.finish = layer.finish
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(super().forward(x))
+
+
+def _packable(module: nn.Module) -> bool:
+    """A plain nn.Linear, or a tensor-parallel one (a local product, then `finish`)."""
+    return type(module) is nn.Linear or (isinstance(module, nn.Linear) and hasattr(module, "finish"))
+
+
 def pack_linears(model: nn.Module, batch_hint: int = 8, min_bytes: int = MIN_PACKED_BYTES) -> int:
     """Replace every nn.Linear of model (fp32 or bf16, CPU) whose weight has at least min_bytes by a
-    PackedLinear, in place (layers of one dtype and shape share a LinearShapeGroup); returns how many.
-    ValueError for an unknown FASTLM_CPU_KERNELS value (now, not at the first forward)."""
+    PackedLinear (PackedParallelLinear for the tensor-parallel layers), in place (layers of one dtype and
+    shape share a LinearShapeGroup); returns how many. ValueError for an unknown FASTLM_CPU_KERNELS
+    value (now, not at the first forward)."""
     cpu_choice.forced_choice("linear")
     targets = [(name, module) for name, module in model.named_modules()
-               if type(module) is nn.Linear and module.weight.numel() * module.weight.element_size() >= min_bytes]
+               if _packable(module) and module.weight.numel() * module.weight.element_size() >= min_bytes]
     groups = {}
     for name, linear in targets:
         shape = (linear.weight.dtype, linear.out_features, linear.in_features)
         group = groups.setdefault(shape, LinearShapeGroup(*shape))
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedLinear(linear, batch_hint, group))
+        packed = PackedLinear if type(linear) is nn.Linear else PackedParallelLinear
+        setattr(parent, child, packed(linear, batch_hint, group))
     return len(targets)
 
 

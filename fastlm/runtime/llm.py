@@ -10,11 +10,21 @@
     llm.generate_tokens([[464, 2068], [818]], max_new_tokens=20, temperature=0)            # -> list[list[int]]
     params = fastlm.SamplingParams(max_new_tokens=50, temperature=0); llm.generate("Hi", params)
     llm.stats()      # kv_blocks_total, kv_blocks_free, prefix_cache_hit_tokens, preemptions, running, waiting
+    with fastlm.LLM(path, tensor_parallel_size=2) as llm: ...   # the model split across 2 processes (below)
 
 Every call submits one request per prompt to the LLM's engine, whose step loop runs on one background
 thread (EngineLoop): any number of threads and interleaved generators can share one LLM, each getting
 exactly the output it would get alone (greedy; seeded sampling too, as each request has its own
 generator). Sampling options are SamplingParams' fields, given as keywords or as one SamplingParams.
+
+Tensor parallelism (tensor_parallel_size=N > 1, see fastlm.runtime.parallel): this process is rank 0
+and holds 1/N of the weights and the engine; it starts ranks 1..N-1 as subprocesses on this machine
+(CPU: gloo, threads_per_rank threads each, default physical cores / N, rank 0 included; CUDA: NCCL,
+rank r on cuda:r). Under torchrun (WORLD_SIZE = N) every rank runs the script: on rank 0 LLM(...)
+returns, on the others it serves rank 0's steps and then ends the process (exit 0 once rank 0
+closes). close() (or leaving a `with` block, or the end of the program) stops the other ranks; a rank
+that dies or stops answering for dist_timeout seconds makes every later call raise RankFailed, and
+ends the other ranks within that timeout.
 
 Context rule: a prompt must leave room to generate (prompt tokens < the model's context, else
 ValueError); each prompt's max_new_tokens is clipped so that it plus the prompt fit the context
@@ -28,10 +38,13 @@ import torch
 
 from fastlm.model.devices import resolve_device
 from fastlm.model.json_files import eos_id_list, read_json_object
+from fastlm.model.loading import resolve_dtype
+from fastlm.model.validation import check_int
 from fastlm.model.model_path import resolve_model_path
 from fastlm.runtime.cpu_linear import pack_linears, packing_available
 from fastlm.runtime.engine import Engine
 from fastlm.runtime.engine.background import EngineLoop
+from fastlm.runtime.parallel.ranks import DEFAULT_TIMEOUT_S
 from fastlm.runtime.prompts import check_prompt_ids
 from fastlm.runtime.results import Completion, shape
 from fastlm.runtime.sampling import SamplingParams
@@ -87,21 +100,43 @@ class LLM:
     cuda_graphs) pass through as keywords.
     quantize: None, "int8" or "int4" (also "int4-g32" / "-g64" / "-g128"): weight-only quantized linear
     layers (fastlm.model.quantize); quantize_head=True also quantizes the token embedding and the LM head.
-    A checkpoint written by `fastlm quantize` loads quantized as it is."""
+    A checkpoint written by `fastlm quantize` loads quantized as it is.
+    tensor_parallel_size: ranks the model is split across (see the module docstring); threads_per_rank
+    and dist_timeout (seconds) apply to them. With N > 1, `model` is rank 0's shard, kv_cache_memory
+    is per rank, and there are no CUDA graphs or quantization."""
 
     def __init__(self, model: Optional[Union[str, Path]] = None, dtype=None, device=None, quantize=None,
-                 quantize_head: bool = False, **engine_options):
-        from fastlm.model import Transformer, load_tokenizer
-
+                 quantize_head: bool = False, *, tensor_parallel_size: int = 1, threads_per_rank: Optional[int] = None,
+                 dist_timeout: float = DEFAULT_TIMEOUT_S, **engine_options):
         unknown = sorted(set(engine_options) - set(ENGINE_OPTIONS))
         if unknown:
             raise ValueError(f"unknown engine option(s) {unknown}; the options are {list(ENGINE_OPTIONS)}")
+        check_int("tensor_parallel_size", tensor_parallel_size, 1)
         path = resolve_model_path(model)
-        self.path = path
         quantize = _quant_config(quantize, quantize_head)
-        self.model = Transformer.from_pretrained(path, dtype=dtype, device=resolve_device(device), quantize=quantize)
-        if packing_available(self.model.dtype, self.model.device):
-            pack_linears(self.model)  # CPU: weights prepacked for oneDNN (see cpu_linear.py)
+        self.path, self.parallel = path, None
+        if tensor_parallel_size == 1:
+            if threads_per_rank is not None:
+                raise ValueError("threads_per_rank applies with tensor_parallel_size > 1 "
+                                 "(in one process: torch.set_num_threads)")
+            self.model = self._load(path, dtype, device, quantize)
+        else:
+            self.parallel = self._start_ranks(path, tensor_parallel_size, dtype, device, quantize, threads_per_rank,
+                                              dist_timeout, engine_options)
+            self.model = self.parallel.model
+            # rank 0's pool holds the blocks every rank agreed on; its steps go to the other ranks
+            engine_options = dict(engine_options, kv_cache_memory=self.parallel.kv_cache_memory,
+                                  tensor_parallel=self.parallel.group)
+        try:
+            self._build_engine(path, engine_options)
+        except BaseException:
+            if self.parallel is not None:
+                self.parallel.group.close()
+            raise
+
+    def _build_engine(self, path: Path, engine_options: dict) -> None:
+        from fastlm.model import load_tokenizer
+
         vocab = self.model.config.vocab_size
         self.tokenizer = load_tokenizer(path, model_vocab_size=vocab) if _has_tokenizer(path) else None
         eos = tuple(self.tokenizer.eos_token_ids or ()) if self.tokenizer else _config_eos_ids(path)
@@ -109,6 +144,31 @@ class LLM:
         sample_vocab = self.tokenizer.vocab_size if self.tokenizer else None
         self.engine = Engine(self.model, eos, self.tokenizer, vocab_size=sample_vocab, **engine_options)
         self.engine_loop = EngineLoop(self.engine)
+
+    @staticmethod
+    def _load(path, dtype, device, quantize):
+        from fastlm.model import Transformer
+
+        model = Transformer.from_pretrained(path, dtype=dtype, device=resolve_device(device), quantize=quantize)
+        if packing_available(model.dtype, model.device):
+            pack_linears(model)  # CPU: weights prepacked for oneDNN (see cpu_linear.py)
+        return model
+
+    @staticmethod
+    def _start_ranks(path, size, dtype, device, quantize, threads, timeout, engine_options):
+        """Every rank up with its shard (on torchrun's other ranks, this never returns)."""
+        from fastlm.runtime.engine.engine import check_engine_options
+        from fastlm.runtime.parallel import ParallelOptions, start_ranks
+
+        if quantize is not None:
+            raise ValueError("quantize is not available with tensor_parallel_size > 1")
+        sizes = {k: v for k, v in engine_options.items() if k not in ("enable_prefix_caching", "cuda_graphs")}
+        check_engine_options(**sizes)
+        dtype = None if dtype is None else str(resolve_dtype(dtype)).replace("torch.", "")
+        pool = {k: v for k, v in sizes.items() if k != "max_num_batched_tokens"}
+        return start_ranks(ParallelOptions(path=str(path.resolve()), world_size=size, dtype=dtype,
+                                           device=str(resolve_device(device)), threads=threads, timeout_s=timeout,
+                                           **pool))
 
     @property
     def device(self) -> torch.device:
@@ -167,8 +227,17 @@ class LLM:
         return shape(completions, False, params.n)
 
     def close(self) -> None:
-        """Stop the engine's background thread (also done when the LLM is garbage collected)."""
+        """Stop the engine's background thread (also done when the LLM is garbage collected) and the
+        other tensor-parallel ranks (also done at exit)."""
         self.engine_loop.shutdown()
+        if self.parallel is not None:
+            self.parallel.group.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __del__(self):
         loop = getattr(self, "engine_loop", None)

@@ -4,13 +4,15 @@ Flags are checked and the socket is bound before the model loads (a taken port f
 is printed once the model is loaded, and a client may connect as soon as it reads the line (with
 --port 0 the line names the port chosen).
 SIGTERM: stop accepting, let running requests finish within --shutdown-timeout seconds, exit 0.
+--tensor-parallel-size N: the model is split across N ranks (spawned, or torchrun's: then only rank 0
+listens); if one dies or stops answering, the server stops and exits 1 with the reason.
 """
 import asyncio
 import os
 import signal
 import socket
 
-from fastlm.runtime.commands import _add_model_args
+from fastlm.runtime.commands import _add_model_args, check_model_args, load_llm
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 DEFAULT_MODEL_NAME = "fastlm-default"
@@ -75,33 +77,32 @@ def _check_args(args) -> None:
 
 
 def build_state(args):
-    """Load the model, its chat template and the engine -> ServerState."""
+    """Load the model (split across --tensor-parallel-size ranks), its chat template and the engine ->
+    ServerState. Under torchrun, ranks other than 0 serve rank 0's steps here and never return."""
     from fastlm.runtime.chat_template import load_chat_template
-    from fastlm.runtime.engine import Engine
-    from fastlm.runtime.llm import LLM
     from fastlm.serve.state import ServerState
 
-    from fastlm.runtime.cpu_threads import set_threads
-
-    set_threads(args.threads)
     kv_memory = parse_bytes(args.kv_cache_memory) if args.kv_cache_memory is not None else None
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, quantize_head=args.quantize_head)
+    llm, _ = load_llm(args, block_size=args.block_size, kv_cache_memory=kv_memory,
+                      gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+                      max_num_batched_tokens=args.max_num_batched_tokens,
+                      enable_prefix_caching=not args.no_prefix_caching)
     template = load_chat_template(llm.path, llm.tokenizer, args.chat_template)
-    engine = Engine(llm.model, llm.eos_token_ids, llm.tokenizer, block_size=args.block_size,
-                    kv_cache_memory=kv_memory, gpu_memory_utilization=args.gpu_memory_utilization,
-                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                    enable_prefix_caching=not args.no_prefix_caching)
     name = args.served_model_name or (args.model if args.model is not None else DEFAULT_MODEL_NAME)
-    return ServerState(engine, name, template, args.max_waiting_requests)
+    return ServerState(llm.engine, name, template, args.max_waiting_requests, owner=llm)
 
 
 def run_serve(args) -> int:
     import uvicorn
 
+    from fastlm.model.collectives import RankFailed
+    from fastlm.runtime.parallel.ranks import torchrun_rank
     from fastlm.serve.app import build_app
 
     _check_args(args)
-    sock = _listen(args.host, args.port)  # before loading: a taken port fails fast
+    check_model_args(args)
+    # before loading: a taken port fails fast; torchrun's other ranks only compute (build_state)
+    sock = None if args.tensor_parallel_size > 1 and torchrun_rank() > 0 else _listen(args.host, args.port)
     state = build_state(args)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(build_app(state, args.api_key), log_level=args.log_level, access_log=False,
@@ -110,8 +111,13 @@ def run_serve(args) -> int:
     # uvicorn re-raises the signal it stopped on once it is done: make SIGTERM's a no-op then, so a
     # graceful stop exits 0 instead of dying by the signal.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    parallel = state.owner.parallel
+    if parallel is not None:  # a broken tensor-parallel group can serve nothing: stop, then fail
+        parallel.group.on_failure = lambda message: setattr(server, "should_exit", True)
     print(f"fastlm serve: {state.model_name} ready on http://{_url_host(host)}:{port}", flush=True)
     asyncio.run(server.serve(sockets=[sock]))
+    if parallel is not None and parallel.group.failure is not None:
+        raise RankFailed(parallel.group.failure)
     return 0
 
 

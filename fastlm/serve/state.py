@@ -17,8 +17,10 @@ from fastlm.serve.metrics import ServerMetrics
 
 
 class ServerState:
-    def __init__(self, engine, model_name: str, chat_template=None, max_waiting_requests: int = 256):
-        self.engine, self.tokenizer = engine, engine.tokenizer
+    """owner: the fastlm.LLM the engine belongs to, closed at shutdown (it stops tensor-parallel ranks)."""
+
+    def __init__(self, engine, model_name: str, chat_template=None, max_waiting_requests: int = 256, owner=None):
+        self.engine, self.tokenizer, self.owner = engine, engine.tokenizer, owner
         self.loop = EngineLoop(engine)
         self.model_name, self.chat_template = model_name, chat_template
         self.context = engine.model.config.max_seq_len
@@ -46,6 +48,8 @@ class ServerState:
 
     def shutdown(self) -> None:
         self.loop.shutdown()
+        if self.owner is not None:
+            self.owner.close()
 
 
 class Generation:

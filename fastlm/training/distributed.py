@@ -20,6 +20,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from fastlm.model.collectives import RankFailed, collective_errors  # noqa: F401 - RankFailed: re-exported
+
 DEFAULT_TIMEOUT_S = 300.0
 ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -31,10 +33,6 @@ def launched_by_torchrun() -> bool:
 def is_main_process() -> bool:
     """Rank 0 of a torchrun launch, or a single process (who prints the run's summary)."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-class RankFailed(RuntimeError):
-    """Another rank failed or stopped answering; this rank stops too."""
 
 
 class Distributed:
@@ -151,16 +149,3 @@ class Distributed:
         if last_micro_batch or not hasattr(train_model, "no_sync"):
             return contextlib.nullcontext()
         return train_model.no_sync()
-
-
-@contextlib.contextmanager
-def collective_errors(what):
-    """Turn the backend's error when a peer died or timed out (gloo raises a plain RuntimeError, NCCL a
-    DistBackendError) into one clear RankFailed that keeps the reason; out-of-memory passes unchanged."""
-    try:
-        yield
-    except (RankFailed, getattr(torch, "OutOfMemoryError", RankFailed)):
-        raise
-    except (RuntimeError, dist.DistError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RankFailed(f"another rank failed or stopped answering while waiting for {what}: {reason}") from exc

@@ -47,3 +47,56 @@ def test_packed_model_generates_like_the_plain_one(checkpoints, reference_kernel
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [40, 41, 42]]
     params = SamplingParams(max_new_tokens=12, temperature=0)
     assert generate(Engine(packed), prompts, params) == generate(Engine(plain), prompts, params)
+
+
+@pytest.mark.parametrize("force", ["onednn", "aten"])
+def test_packed_tensor_parallel_layers_compute_the_same_logits(checkpoints, reference_kernels, monkeypatch, force):
+    """A one-rank process group: the row-parallel projections and the LM head packed (their all-reduce
+    and gather kept) give the unpacked shard's logits; a rank other than 0 adds no row-parallel bias."""
+    import torch.distributed as dist
+
+    from fastlm.model.parallel import RowParallelLinear, Shard
+    from fastlm.model.parallel_loading import load_tensor_parallel
+    from fastlm.runtime.cpu_linear import PackedParallelLinear
+
+    if not packing_available(torch.float32, "cpu"):
+        pytest.skip("oneDNN fp32 packing is unavailable on this machine")
+    monkeypatch.setenv("FASTLM_CPU_KERNELS", force)
+    folder = checkpoints["gpt2"][0]  # biases on the row-parallel projections
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        plain = load_tensor_parallel(folder, rank=0, world_size=1, dtype=torch.float32)
+        packed = load_tensor_parallel(folder, rank=0, world_size=1, dtype=torch.float32)
+        assert pack_linears(packed, min_bytes=0) == 2 * 4 + 1
+        assert isinstance(packed.layers[0].attn.wo, PackedParallelLinear)
+        assert isinstance(packed.lm_head, PackedParallelLinear)
+        ids = torch.randint(0, plain.config.vocab_size, (2, 9))
+        calls = _count_collectives(monkeypatch)
+        with torch.no_grad():
+            torch.testing.assert_close(packed(ids), plain(ids), rtol=0, atol=1e-5)
+        n_layer = plain.config.n_layer
+        assert calls == {"all_reduce": 2 * (2 * n_layer + 1), "gather": 2}  # the same in both models
+    finally:
+        dist.destroy_process_group()
+    cfg = plain.config
+    rank_1 = RowParallelLinear(cfg.dim, cfg.dim, True, Shard(1, 2, cfg))
+    assert PackedParallelLinear(rank_1)._bias is None and rank_1.bias is not None
+
+
+def _count_collectives(monkeypatch) -> dict:
+    """Count the all-reduces and gathers of fastlm.model.parallel from now on."""
+    import torch.distributed as dist
+
+    import fastlm.model.parallel as parallel
+
+    calls = {"all_reduce": 0, "gather": 0}
+    all_reduce, gather = parallel._all_reduce, dist.gather
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+    monkeypatch.setattr(parallel, "_all_reduce", counted("all_reduce", all_reduce))
+    monkeypatch.setattr(dist, "gather", counted("gather", gather))
+    return calls

@@ -38,7 +38,7 @@ def test_bench_threads(checkpoints, reference_kernels, capsys, restore_threads, 
                              "--batch-size", "1", "--prompt-len", "3", "--new-tokens", "2", "--repeats", "1")
     assert (code, err) == (0, ""), err
     expected = 1 if threads else physical_cores()
-    assert f"; {expected} CPU threads" in out.splitlines()[0] and torch.get_num_threads() == expected
+    assert f"; 1 rank x {expected} CPU threads" in out.splitlines()[0] and torch.get_num_threads() == expected
 
 
 @pytest.mark.parametrize("command", [["generate", "hi", "--max-new-tokens", "2"], ["bench", "--repeats", "1"]])

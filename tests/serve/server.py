@@ -18,11 +18,16 @@ STARTUP_TIMEOUT = 180
 
 
 class Server:
-    def __init__(self, *args: str):
-        env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+    def __init__(self, *args: str, env: dict = None):
+        """env: more environment variables (a torchrun rank's, say)."""
+        env = {**self.environment(), **(env or {})}
         self.process = subprocess.Popen([sys.executable, "-m", "fastlm", "serve", "--port", "0", *args], cwd=REPO,
                                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.url = self._wait_ready()
+
+    @staticmethod
+    def environment() -> dict:
+        return {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
 
     def _wait_ready(self) -> str:
         deadline, seen = time.monotonic() + STARTUP_TIMEOUT, []

@@ -23,7 +23,7 @@ import torch
 from fastlm.runtime.cuda_graph import DecodeGraphs
 from fastlm.runtime.engine.block_manager import BlockManager
 from fastlm.runtime.engine.kv_pool import KVPool
-from fastlm.runtime.engine.model_runner import ModelRunner
+from fastlm.runtime.engine.model_runner import ModelRunner, TensorParallelRunner
 from fastlm.runtime.engine.sampler import TokenLogprobs, sample_rows
 from fastlm.runtime.engine.scheduler import Scheduler
 from fastlm.runtime.engine.sequence import Sequence
@@ -44,6 +44,19 @@ class SequenceOutput:
     finish_reason: Optional[str] = None  # "stop" (eos, stop token or string), "length", "abort"
 
 
+def check_engine_options(*, block_size=16, kv_cache_memory=None, gpu_memory_utilization=0.9, max_num_seqs=64,
+                         max_num_batched_tokens=1024) -> None:
+    """ValueError naming the first of the Engine's sizes that is not valid."""
+    for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
+                        ("max_num_batched_tokens", max_num_batched_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if kv_cache_memory is not None and (isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, int)):
+        raise ValueError(f"kv_cache_memory must be a number of bytes, got {kv_cache_memory!r}")
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+
+
 class _Request:
     def __init__(self, params: SamplingParams):
         self.params, self.seqs, self.forked = params, [], params.n == 1
@@ -55,31 +68,31 @@ class Engine:
     def __init__(self, model, eos_token_ids: Seq[int] = (), tokenizer=None, *, block_size: int = 16,
                  kv_cache_memory: Optional[int] = None, gpu_memory_utilization: float = 0.9,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 1024, enable_prefix_caching: bool = True,
-                 cuda_graphs: bool = True, vocab_size: Optional[int] = None):
+                 cuda_graphs: bool = True, vocab_size: Optional[int] = None, tensor_parallel=None):
         """model: a fastlm Transformer; eos_token_ids end sequences; tokenizer (optional) gives text
         pieces and stop strings. KV pool: kv_cache_memory bytes (default: see kv_pool.py) in blocks of
         block_size tokens. Each step computes at most max_num_batched_tokens tokens of at most
         max_num_seqs running sequences. cuda_graphs: pure-decode steps on a GPU replay CUDA graphs
         (cuda_graph.py). vocab_size: ids from it up are never sampled (a vocabulary padded
-        beyond the tokenizer's; default: the model's)."""
-        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
-                            ("max_num_batched_tokens", max_num_batched_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if kv_cache_memory is not None and (isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, int)):
-            raise ValueError(f"kv_cache_memory must be a number of bytes, got {kv_cache_memory!r}")
-        if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        beyond the tokenizer's; default: the model's). tensor_parallel: rank 0's TensorParallelGroup
+        when model is rank 0's shard (fastlm.runtime.parallel; every rank's pool must have as many
+        blocks): each step's inputs go to the other ranks, no CUDA graphs."""
+        check_engine_options(block_size=block_size, kv_cache_memory=kv_cache_memory,
+                             gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+                             max_num_batched_tokens=max_num_batched_tokens)
         self.model, self.tokenizer = model, tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
         self.vocab_size = vocab_size if vocab_size is not None and vocab_size < model.config.vocab_size else None
         self.pool = KVPool(model, block_size, kv_cache_memory, max_num_seqs, gpu_memory_utilization)
         self.blocks = BlockManager(self.pool.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
-        graphs = None
-        if cuda_graphs and self.pool.k.is_cuda:
-            graphs = DecodeGraphs(model, self.pool, max_num_seqs, self.blocks.blocks_for(model.config.max_seq_len))
-        self.runner = ModelRunner(model, self.pool, graphs)
+        if tensor_parallel is not None:
+            self.runner = TensorParallelRunner(model, self.pool, tensor_parallel)
+        else:
+            graphs = None
+            if cuda_graphs and self.pool.k.is_cuda:
+                graphs = DecodeGraphs(model, self.pool, max_num_seqs, self.blocks.blocks_for(model.config.max_seq_len))
+            self.runner = ModelRunner(model, self.pool, graphs)
         self.requests: Dict[int, _Request] = {}
         self._ids, self._arrivals = itertools.count(), itertools.count()
         self._pending_copies = []  # (src, dst) blocks of forks, copied before the next forward
@@ -144,7 +157,7 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        self.pool.copy_blocks(self._pending_copies)
+        self.runner.copy_blocks(self._pending_copies)
         self._pending_copies = []
         logits, sampled = self.runner.run(scheduled)
         for seq, span in scheduled.spans:

@@ -40,16 +40,23 @@ def _ram_bytes() -> int:
         return 16 << 30
 
 
+def pool_blocks(model, block_size: int, kv_cache_memory: Optional[int] = None, max_num_seqs: int = 64,
+                gpu_memory_utilization: float = 0.9) -> int:
+    """The number of blocks a pool of kv_cache_memory bytes (default: default_kv_memory) holds."""
+    if kv_cache_memory is None:
+        kv_cache_memory = default_kv_memory(model, max_num_seqs, gpu_memory_utilization)
+    num_blocks = kv_cache_memory // (block_size * bytes_per_token(model))
+    if num_blocks < 1:
+        raise ValueError(f"kv_cache_memory ({kv_cache_memory} bytes) holds no block of {block_size} tokens "
+                         f"({block_size * bytes_per_token(model)} bytes)")
+    return num_blocks
+
+
 class KVPool:
     def __init__(self, model, block_size: int, kv_cache_memory: Optional[int] = None, max_num_seqs: int = 64,
                  gpu_memory_utilization: float = 0.9):
-        if kv_cache_memory is None:
-            kv_cache_memory = default_kv_memory(model, max_num_seqs, gpu_memory_utilization)
         self.block_size = block_size
-        self.num_blocks = kv_cache_memory // (block_size * bytes_per_token(model))
-        if self.num_blocks < 1:
-            raise ValueError(f"kv_cache_memory ({kv_cache_memory} bytes) holds no block of {block_size} tokens "
-                             f"({block_size * bytes_per_token(model)} bytes)")
+        self.num_blocks = pool_blocks(model, block_size, kv_cache_memory, max_num_seqs, gpu_memory_utilization)
         cfg = model.config
         shape = (cfg.n_layer, self.num_blocks + 1, block_size, cfg.n_kv_head, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=model.dtype, device=model.device)

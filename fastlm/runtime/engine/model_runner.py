@@ -3,6 +3,8 @@
 Token layout of a step (fastlm.model.attention_metadata): the decode rows first, one token each, then
 the prefill chunks back to back. A span that reaches its sequence's last token yields logits (the next
 token is sampled from them); a chunk that stops earlier only fills the KV pool.
+TensorParallelRunner: rank 0's runner of a tensor-parallel model (fastlm.runtime.parallel), which sends
+each step's inputs to the other ranks before the forward they all run together.
 """
 from typing import List, Optional, Tuple
 
@@ -27,6 +29,10 @@ class ModelRunner:
         if self._graphable(step, sampled):
             return self.graphs.run(input_ids, meta), sampled
         return self.model(input_ids, metadata=meta), sampled
+
+    def copy_blocks(self, pairs) -> None:
+        """K/V of block src copied into block dst, for each (src, dst) (forks of n > 1 requests)."""
+        self.pool.copy_blocks(pairs)
 
     def _graphable(self, step: ScheduledStep, sampled) -> bool:
         """Only decodes, each sampling (a one-token prefill chunk that does not is a decode row too)."""
@@ -74,3 +80,25 @@ def _block_tables(tables: List[List[int]], device) -> torch.Tensor:
     """(rows, longest table) int32, short rows padded with block 0 (never read: past their lengths)."""
     width = max((len(t) for t in tables), default=0)
     return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device).view(len(tables), width)
+
+
+class TensorParallelRunner(ModelRunner):
+    """group: rank 0's fastlm.runtime.parallel.group.TensorParallelGroup; never CUDA graphs (the
+    other ranks run each step eagerly)."""
+
+    def __init__(self, model, pool: KVPool, group):
+        super().__init__(model, pool, None)
+        self.group = group
+
+    def run(self, step: ScheduledStep) -> Tuple[torch.Tensor, List[Sequence]]:
+        input_ids, meta, sampled = self.prepare(step)
+        with self.group.collective("a step"):
+            self.group.send_step(input_ids, meta)
+            logits = self.model(input_ids, metadata=meta)
+        return logits, sampled
+
+    def copy_blocks(self, pairs) -> None:
+        if pairs:
+            with self.group.collective("a KV block copy"):
+                self.group.send_copies(pairs)
+                self.pool.copy_blocks(pairs)
