@@ -1,5 +1,6 @@
 """`fastlm train` and `fastlm eval`: thin argparse front ends of fastlm.train / fastlm.evaluate."""
 import argparse
+import os
 import sys
 from dataclasses import MISSING, fields
 
@@ -57,6 +58,21 @@ def _add_eval_parser(subparsers):
 
 
 def run_train(args: argparse.Namespace):
+    from fastlm.training.distributed import launched_by_torchrun
+
+    code = _train(args)
+    if launched_by_torchrun():
+        # one rank of a torchrun launch: end without finalizing the interpreter. A gloo thread may still be
+        # releasing the last collective's tensors, and a thread taking the GIL during finalization aborts
+        # the process (SIGABRT, "terminate called without an active exception", ~1 run in 10 here) after
+        # a run that succeeded, which torchrun then reports as failed. The tensor-parallel workers end so too.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _train(args) -> int:
     from fastlm.training import train
     from fastlm.training.distributed import RankFailed, is_main_process
     from fastlm.training.interrupts import TrainingInterrupted
