@@ -124,3 +124,38 @@ def test_a_step_message_decodes_to_the_same_step():
         assert mine.dtype == theirs.dtype and torch.equal(mine, theirs), field
     sizes, payload = encode_copies([(3, 8), (4, 0)])
     assert decode_copies(dict(zip(names, sizes)), payload) == [(3, 8), (4, 0)]
+
+
+def test_threads_and_an_aborted_request_on_one_tensor_parallel_llm(folders, reference_env):
+    """Several threads share one tensor-parallel LLM, each getting its one-process result, while another
+    request is dropped half-way (aborted): its blocks are freed on every rank and nothing else changes."""
+    import threading
+
+    from fastlm.runtime.sampling import SamplingParams
+
+    greedy = dict(max_new_tokens=10, temperature=0, ignore_eos=True)
+    single = fastlm.LLM(folders["llama_gqa_hd16"], dtype="float32", **ENGINE)
+    expected = {i: single.generate_tokens([p], **greedy)[0] for i, p in enumerate(PROMPTS[:4])}
+    with fastlm.LLM(folders["llama_gqa_hd16"], dtype="float32", **TP, **ENGINE) as llm:
+        dropped = llm.engine_loop.stream(PROMPTS[4], SamplingParams(max_new_tokens=30, temperature=0,
+                                                                    ignore_eos=True))
+        next(dropped)
+        start, results, errors = threading.Barrier(4), {}, []
+
+        def work(i):
+            try:
+                start.wait()
+                results[i] = [llm.generate_tokens([PROMPTS[i]], **greedy)[0] for _ in range(2)]
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        next(dropped)
+        dropped.close()  # aborted while the threads' requests run
+        for t in threads:
+            t.join()
+        stats = llm.stats()
+    assert errors == [] and results == {i: [ids, ids] for i, ids in expected.items()}
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"] and stats["running"] == stats["waiting"] == 0
