@@ -13,7 +13,7 @@ llama.cpp runs in a subprocess driven over a pipe (one JSON line per request): i
 segmentation fault was seen with Q8_0 on an AMX machine), the row says so and the benchmark goes on.
 
     pip install 'fastlm[llamacpp]'     # llama-cpp-python (builds llama.cpp with CMake) and gguf
-    python benchmarks/bench_llamacpp.py [--threads 2] [--quick]
+    python benchmarks/bench_llamacpp.py [--threads 2] [--quick] [--compile]
 Writes benchmarks/out/bench_llamacpp.csv and .png. Exit code 2 when llama_cpp is not installed.
 """
 import importlib.util
@@ -143,7 +143,7 @@ def bench_config(name, hf_model, folder, dtype_name, args, read_gbs, tmp):
     from fastlm.runtime.bench import weight_bytes_per_step
 
     gguf_path = write_gguf(hf_model, os.path.join(tmp, f"{name}-{dtype_name}.gguf"), DTYPES[dtype_name])
-    llm = LLM(folder, dtype=dtype_name, device="cpu")
+    llm = LLM(folder, dtype=dtype_name, device="cpu", compile=args.compile)
     torch.manual_seed(0)
     prompt = torch.randint(0, hf_model.config.vocab_size, (args.prompt_len,)).tolist()
     peer = Peer(gguf_path, args.threads, args.prompt_len + args.new_tokens + 8)
@@ -169,7 +169,14 @@ def bench_config(name, hf_model, folder, dtype_name, args, read_gbs, tmp):
             "agree": f"{agreement(ours[0]['tokens'], theirs[0]['tokens'])}/{args.new_tokens}" if theirs else "",
             "fastlm_weights_gbs": round(ours_tok_s * weight_gb, 2),
             "roofline": round(ours_tok_s * weight_gb / read_gbs, 3), "read_gbs": round(read_gbs, 1),
-            "llamacpp_version": peer.version, "peer_error": peer.error or ""}
+            "llamacpp_version": peer.version, "peer_error": peer.error or "", "compile": args.compile,
+            "decode_step": _step_choice(llm)}
+
+
+def _step_choice(llm) -> str:
+    """With --compile: "compiled" or "eager", as timed (or cached) for batch-1 steps; else "eager"."""
+    steps = getattr(llm.engine.runner, "graphs", None)
+    return "eager" if steps is None else steps.choices.get(1, "eager")
 
 
 def main(argv=None):
@@ -178,6 +185,8 @@ def main(argv=None):
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--models", nargs="+", default=None, help="subset of the model names")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--compile", action="store_true",
+                        help="fastlm decode steps through torch.compile where timed faster (LLM(compile=True))")
     args = parser.parse_args(argv)
     if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None:
         print(INSTALL_HINT, file=sys.stderr)

@@ -26,7 +26,7 @@ its reference, op and public function in a public file; it imports only downward
 (underscored) name from another module: private modules export their launchers without an underscore.
 """
 from fastlm.kernels.attention import attention_ref, decode_attention, flash_attention
-from fastlm.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+from fastlm.kernels.paged_attention import paged_decode_attention, paged_kv_write, paged_prefill_attention
 from fastlm.kernels.norms import LayerNorm, RMSNorm, layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
 from fastlm.kernels.patch import PatchReport, patch
 from fastlm.kernels.quant import (QuantEmbedding, QuantLinear, dequantize_int4, dequantize_int8, int4_linear, int8_linear,
@@ -35,7 +35,7 @@ from fastlm.kernels.quant import (QuantEmbedding, QuantLinear, dequantize_int4, 
 __all__ = [
     "LayerNorm", "RMSNorm", "layer_norm", "layer_norm_ref", "rms_norm", "rms_norm_ref",
     "attention_ref", "flash_attention", "decode_attention",
-    "paged_decode_attention", "paged_prefill_attention", "patch", "PatchReport",
+    "paged_decode_attention", "paged_kv_write", "paged_prefill_attention", "patch", "PatchReport",
     "quantize_int8", "quantize_int4", "dequantize_int8", "dequantize_int4", "int8_linear", "int4_linear",
     "QuantLinear", "QuantEmbedding",
 ]

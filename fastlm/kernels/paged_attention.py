@@ -252,6 +252,25 @@ def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, seqlens_k, scale):
     return q.new_empty(q.shape)
 
 
+@custom_op("fastlm::paged_kv_write", mutates_args=("k_cache", "v_cache"))
+def paged_kv_write_op(k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, k: Tensor, v: Tensor) -> None:
+    """k/v (N, Hkv, D) written to the pool's flat slots (arguments already validated). An op under
+    torch.compile: the pools are then graph inputs written in place, not functionalized into a copy of
+    the whole pool per layer and step."""
+    _write_kv(k_cache, v_cache, slot_mapping, k, v)
+
+
+@paged_kv_write_op.register_fake
+def _(k_cache, v_cache, slot_mapping, k, v):
+    return None
+
+
+def _write_kv(k_cache, v_cache, slot_mapping, k, v):
+    Hkv, D = k.shape[1:]
+    k_cache.view(-1, Hkv, D).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, Hkv, D).index_copy_(0, slot_mapping, v)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Validation
 
@@ -370,6 +389,29 @@ def check_prefill_values(total_q, k_cache, block_tables, cu_seqlens_q, seqlens_k
 
 # ---------------------------------------------------------------------------------------------------
 # Public functions
+
+
+def paged_kv_write(k_cache, v_cache, slot_mapping, k, v, check_values=True):
+    """Write new keys and values into a paged KV pool: k, v (N, Hkv, D) go to the flat slots
+    slot_mapping (N,) int64 (slot = block * block_size + offset) of k_cache, v_cache (num_blocks,
+    block_size, Hkv, D), in place. Slots are checked to lie in the pool (a host sync) unless compiling,
+    capturing a CUDA graph, or check_values=False."""
+    check_tensor("k_cache", k_cache, ndim=4)
+    check_tensor("v_cache", v_cache, ndim=4, like=("k_cache", k_cache), shape=k_cache.shape)
+    check_tensor("k", k, ndim=3, like=("k_cache", k_cache), shape=(k.shape[0], *k_cache.shape[2:]))
+    check_tensor("v", v, ndim=3, like=("k_cache", k_cache), shape=k.shape)
+    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=(torch.int64,), shape=k.shape[:1])
+    if slot_mapping.device != k_cache.device:
+        raise ValueError(f"slot_mapping must be on k_cache's device ({k_cache.device}), got {slot_mapping.device}")
+    if check_values and can_read_values(k_cache) and slot_mapping.numel():
+        slots = k_cache.shape[0] * k_cache.shape[1]
+        if bool(((slot_mapping < 0) | (slot_mapping >= slots)).any()):
+            raise ValueError(f"slot_mapping entries must be in [0, {slots}) (num_blocks * block_size), got "
+                             f"min {int(slot_mapping.min())}, max {int(slot_mapping.max())}")
+    if torch.compiler.is_compiling():
+        paged_kv_write_op(k_cache, v_cache, slot_mapping, k, v)
+    else:  # eager: no op dispatch (this runs twice per layer and step)
+        _write_kv(k_cache, v_cache, slot_mapping, k, v)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seqlens, softmax_scale=None, check_values=True):

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastlm.kernels import LayerNorm, RMSNorm, flash_attention, paged_decode_attention, paged_prefill_attention
+from fastlm.kernels import (LayerNorm, RMSNorm, flash_attention, paged_decode_attention, paged_kv_write,
+                            paged_prefill_attention)
 from fastlm.kernels.paged_attention import can_read_values, check_decode_values, check_prefill_values
 from fastlm.model.attention_metadata import AttentionMetadata
 from fastlm.model.config import ModelConfig
@@ -76,13 +77,11 @@ class Attention(nn.Module):
         """q (N, Hq, D), k/v (N, Hkv, D) of one packed step: write K/V to the pool, then attend the
         decode rows and the prefill chunks over their paged keys -> (N, Hq, D)."""
         k_pool, v_pool = meta.layer_pools(self.layer_idx)  # each (num_blocks, block_size, Hkv, D)
-        Hkv, D = k.shape[1:]
-        k_pool.view(-1, Hkv, D).index_copy_(0, meta.slot_mapping, k)
-        v_pool.view(-1, Hkv, D).index_copy_(0, meta.slot_mapping, v)
+        paged_kv_write(k_pool, v_pool, meta.slot_mapping, k, v, check_values=False)  # index_copy_ bounds-checks
         nd, parts = meta.num_decodes, []
         if nd:
             out = paged_decode_attention(q[:nd, None], k_pool, v_pool, meta.decode_block_tables, meta.decode_seqlens,
-                                         check_values=False)  # checked once per step: _check_metadata
+                                         check_values=False)  # checked once per step: check_step
             parts.append(out[:, 0])  # (nd, 1, Hq, D) -> (nd, Hq, D)
         if meta.num_prefills:
             parts.append(paged_prefill_attention(q[nd:], k_pool, v_pool, meta.prefill_block_tables,
@@ -183,7 +182,12 @@ class Transformer(nn.Module):
         return h, residual
 
     def _forward_paged(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        self._check_metadata(input_ids, meta)
+        self.check_step(input_ids, meta)
+        return self.forward_step(input_ids, meta)
+
+    def forward_step(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """forward(input_ids, metadata=meta) without checking the inputs: for a caller that checked them
+        (fastlm.runtime.compiled_step compiles this; a check reads values back, a graph break)."""
         positions = meta.positions[None]  # (1, N): one packed row
         step = _Step(meta)
         h, residual = self._layers(input_ids[None], positions, step)  # each (1, N, dim)
@@ -204,7 +208,9 @@ class Transformer(nn.Module):
             raise ValueError(f"input_ids has {input_ids.shape[1]} tokens, more than config.max_seq_len "
                              f"({self.config.max_seq_len})")
 
-    def _check_metadata(self, input_ids, meta):
+    def check_step(self, input_ids, meta) -> None:
+        """ValueError unless input_ids (N,) and meta fit this model and each other (forward's checks of an
+        engine step)."""
         if not isinstance(meta, AttentionMetadata):
             raise ValueError(f"metadata must be an AttentionMetadata, got {type(meta).__name__}")
         self._check_inputs(input_ids, rank=1)

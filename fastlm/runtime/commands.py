@@ -29,6 +29,9 @@ def _add_model_args(parser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: the physical cores available), per rank with "
                              "--tensor-parallel-size (default: the physical cores / the ranks)")
+    parser.add_argument("--compile", action="store_true",
+                        help="CPU: decode steps through torch.compile where timed faster (the first step of "
+                             "each batch size compiles: seconds to minutes; the choice is cached per machine)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                         help="split the model across N processes (CPU: gloo; CUDA: one GPU each; "
                              "under torchrun: its N ranks)")
@@ -44,6 +47,8 @@ def check_model_args(args) -> None:
     check_number("dist_timeout", args.dist_timeout, 0, min_open=True, optional=True)
     if args.tensor_parallel_size > 1 and getattr(args, "quantize", None) is not None:
         raise ValueError("--quantize is not available with --tensor-parallel-size > 1")
+    if args.tensor_parallel_size > 1 and args.compile:
+        raise ValueError("--compile is not available with --tensor-parallel-size > 1")
     if getattr(args, "quantize_head", False) and getattr(args, "quantize", None) is None:
         raise ValueError("--quantize-head needs --quantize (int8 or int4)")
 
@@ -54,6 +59,8 @@ def load_llm(args, **engine_options):
     from fastlm.runtime.llm import LLM
 
     quantize = getattr(args, "quantize", None)
+    if args.compile:
+        engine_options = dict(engine_options, compile=True)
     if args.tensor_parallel_size == 1:
         threads = set_threads(args.threads)
         return LLM(args.model, dtype=args.dtype, device=args.device, quantize=quantize,
@@ -151,6 +158,7 @@ def _bench(args, llm, threads) -> None:
                      f"{ours['decode_tok_s'] / theirs['decode_tok_s']:>11.2f}")
         print(line, flush=True)
     _print_kernel_choices(llm.model)
+    _print_step_choices(llm.engine)
 
 
 def _configuration(ranks: int, threads) -> str:
@@ -178,6 +186,19 @@ def _print_kernel_choices(model) -> None:
     print(f"CPU linear kernels ({source}):")
     for key, name in sorted(choices.items()):
         print(f"  {key}: {name}")
+
+
+def _print_step_choices(engine) -> None:
+    """With --compile: eager or compiled decode step per batch bucket (compiled_step.py)."""
+    from fastlm.runtime.compiled_step import CompiledDecodeSteps, step_key
+
+    steps = getattr(engine.runner, "graphs", None)
+    if not isinstance(steps, CompiledDecodeSteps):
+        return
+    if steps.compile_error:
+        print(f"CPU decode steps: eager (torch.compile failed: {steps.compile_error})")
+    for bucket, name in sorted(steps.choices.items()):
+        print(f"CPU decode step {step_key(engine.model, bucket)}: {name}")
 
 
 def _load_hf(llm):

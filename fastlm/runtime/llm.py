@@ -50,7 +50,7 @@ from fastlm.runtime.results import Completion, shape
 from fastlm.runtime.sampling import SamplingParams
 
 ENGINE_OPTIONS = ("block_size", "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs",
-                  "max_num_batched_tokens", "enable_prefix_caching", "cuda_graphs")
+                  "max_num_batched_tokens", "enable_prefix_caching", "cuda_graphs", "compile")
 SAMPLING_OPTIONS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 
 
@@ -97,7 +97,8 @@ class LLM:
     (fastlm.Engine) and `engine_loop` (the background thread that steps it; submit through it from
     threads or asyncio, see fastlm.runtime.engine.background). Engine options (block_size,
     kv_cache_memory, gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, enable_prefix_caching,
-    cuda_graphs) pass through as keywords.
+    cuda_graphs, compile) pass through as keywords; compile=True (CPU) runs small decode steps through
+    torch.compile where timed faster (fastlm.runtime.compiled_step).
     quantize: None, "int8" or "int4" (also "int4-g32" / "-g64" / "-g128"): weight-only quantized linear
     layers (fastlm.model.quantize); quantize_head=True also quantizes the token embedding and the LM head.
     A checkpoint written by `fastlm quantize` loads quantized as it is.
@@ -162,7 +163,9 @@ class LLM:
 
         if quantize is not None:
             raise ValueError("quantize is not available with tensor_parallel_size > 1")
-        sizes = {k: v for k, v in engine_options.items() if k not in ("enable_prefix_caching", "cuda_graphs")}
+        if engine_options.get("compile"):
+            raise ValueError("compile=True is not available with tensor_parallel_size > 1")
+        sizes = {k: v for k, v in engine_options.items() if k not in ("enable_prefix_caching", "cuda_graphs", "compile")}
         check_engine_options(**sizes)
         dtype = None if dtype is None else str(resolve_dtype(dtype)).replace("torch.", "")
         pool = {k: v for k, v in sizes.items() if k != "max_num_batched_tokens"}

@@ -73,6 +73,7 @@ def test_sampling_options_reach_the_api(llama, capsys, flag, option, value, base
     (["--stop", ""], "stop must be"),
     (["--seed", "-1"], "seed must be in [0, 18446744073709551615]"),
     (["--device", "tpu"], "device must be 'cpu', 'cuda' or 'cuda:N'"),
+    (["--compile", "--tensor-parallel-size", "2"], "--compile is not available with --tensor-parallel-size > 1"),
 ])
 def test_generate_option_errors(checkpoints, capsys, args, message):
     code, out, err = run_cli(capsys, "generate", PROMPT, "--model", str(checkpoints["gpt2"][0]), *args)
@@ -137,3 +138,16 @@ def test_bench_rejects_an_unknown_dtype_before_loading(checkpoints, capsys):
     with pytest.raises(SystemExit) as exc:  # argparse's choices: usage + one error line, exit code 2
         fastlm.cli.main(["bench", "--model", str(checkpoints["gpt2"][0]), "--dtype", "int8"])
     assert exc.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+def test_compile_flag_reaches_the_engine(llama, capsys, monkeypatch):
+    """--compile: the same greedy text; bench reports the decode-step choice per bucket (forced eager here:
+    the compiled path itself is tested in test_compiled_step.py)."""
+    monkeypatch.setenv("FASTLM_CPU_KERNELS", "eager")
+    llm, folder = llama
+    full = llm.generate(PROMPT, max_new_tokens=24, temperature=0)
+    assert cli_text(capsys, llm, folder, "--temperature", "0", "--compile") == full
+    code, out, err = run_cli(capsys, "bench", "--model", folder, "--device", "cpu", "--compile", "--batch-size", "1",
+                             "--prompt-len", "5", "--new-tokens", "3", "--repeats", "1")
+    assert (code, err) == (0, ""), err
+    assert re.search(r"CPU decode step float32\|llama-rmsnorm-swiglu\|L2d64h4kv2f96v\d+\|unquantized\|rows=1\|t\d+: eager", out)

@@ -53,7 +53,7 @@ def test_forced_choice_skips_timing(cache, timings, monkeypatch):
 
 def test_forced_unknown_name_is_a_clear_error(cache, monkeypatch):
     monkeypatch.setenv(cpu_choice.ENV_FORCE, "mkl")
-    with pytest.raises(ValueError, match="FASTLM_CPU_KERNELS must be auto or one of aten, dequant, onednn, packed, got 'mkl'"):
+    with pytest.raises(ValueError, match="FASTLM_CPU_KERNELS must be auto or one of aten, compiled, dequant, eager, onednn, packed, got 'mkl'"):
         cpu_choice.choose("linear", "k", _counting_candidates()[1], cache)
 
 

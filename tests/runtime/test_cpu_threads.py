@@ -54,7 +54,7 @@ def test_unknown_forced_kernel_is_a_one_line_error(checkpoints, capsys, monkeypa
     code, out, err = run_cli(capsys, "generate", "hi", "--model", str(checkpoints["gpt2"][0]), "--device", "cpu",
                              "--dtype", "float32", "--max-new-tokens", "2")
     assert (code, out) == (2, "") and err.count("\n") == 1
-    assert "FASTLM_CPU_KERNELS must be auto or one of aten, dequant, onednn, packed, got 'fastest'" in err
+    assert "FASTLM_CPU_KERNELS must be auto or one of aten, compiled, dequant, eager, onednn, packed, got 'fastest'" in err
 
 
 @pytest.mark.parametrize("force, source", [("onednn", "forced by FASTLM_CPU_KERNELS"), ("auto", "timed, cached in")])

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence as Seq
 
 import torch
 
+from fastlm.runtime.compiled_step import CompiledDecodeSteps
 from fastlm.runtime.cuda_graph import DecodeGraphs
 from fastlm.runtime.engine.block_manager import BlockManager
 from fastlm.runtime.engine.kv_pool import KVPool
@@ -68,12 +69,15 @@ class Engine:
     def __init__(self, model, eos_token_ids: Seq[int] = (), tokenizer=None, *, block_size: int = 16,
                  kv_cache_memory: Optional[int] = None, gpu_memory_utilization: float = 0.9,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 1024, enable_prefix_caching: bool = True,
-                 cuda_graphs: bool = True, vocab_size: Optional[int] = None, tensor_parallel=None):
+                 cuda_graphs: bool = True, compile: bool = False, vocab_size: Optional[int] = None,
+                 tensor_parallel=None):
         """model: a fastlm Transformer; eos_token_ids end sequences; tokenizer (optional) gives text
         pieces and stop strings. KV pool: kv_cache_memory bytes (default: see kv_pool.py) in blocks of
         block_size tokens. Each step computes at most max_num_batched_tokens tokens of at most
         max_num_seqs running sequences. cuda_graphs: pure-decode steps on a GPU replay CUDA graphs
-        (cuda_graph.py). vocab_size: ids from it up are never sampled (a vocabulary padded
+        (cuda_graph.py). compile: on a CPU, pure-decode steps of up to 8 rows run a torch.compile'd step
+        where timed faster than eager (compiled_step.py; the first step of each batch size compiles,
+        seconds to minutes). vocab_size: ids from it up are never sampled (a vocabulary padded
         beyond the tokenizer's; default: the model's). tensor_parallel: rank 0's TensorParallelGroup
         when model is rank 0's shard (fastlm.runtime.parallel; every rank's pool must have as many
         blocks): each step's inputs go to the other ranks, no CUDA graphs."""
@@ -86,12 +90,17 @@ class Engine:
         self.pool = KVPool(model, block_size, kv_cache_memory, max_num_seqs, gpu_memory_utilization)
         self.blocks = BlockManager(self.pool.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        if compile and (tensor_parallel is not None or self.pool.k.device.type != "cpu"):
+            raise ValueError("compile=True is for one CPU process (a GPU replays CUDA graphs: cuda_graphs), got "
+                             + ("a tensor-parallel model" if tensor_parallel is not None else f"{self.pool.k.device}"))
         if tensor_parallel is not None:
             self.runner = TensorParallelRunner(model, self.pool, tensor_parallel)
         else:
-            graphs = None
+            graphs, max_blocks = None, self.blocks.blocks_for(model.config.max_seq_len)
             if cuda_graphs and self.pool.k.is_cuda:
-                graphs = DecodeGraphs(model, self.pool, max_num_seqs, self.blocks.blocks_for(model.config.max_seq_len))
+                graphs = DecodeGraphs(model, self.pool, max_num_seqs, max_blocks)
+            elif compile:
+                graphs = CompiledDecodeSteps(model, self.pool, max_num_seqs, max_blocks)
             self.runner = ModelRunner(model, self.pool, graphs)
         self.requests: Dict[int, _Request] = {}
         self._ids, self._arrivals = itertools.count(), itertools.count()
