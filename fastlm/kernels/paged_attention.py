@@ -252,23 +252,24 @@ def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, seqlens_k, scale):
     return q.new_empty(q.shape)
 
 
-@custom_op("fastlm::paged_kv_write", mutates_args=("k_cache", "v_cache"))
-def paged_kv_write_op(k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, k: Tensor, v: Tensor) -> None:
-    """k/v (N, Hkv, D) written to the pool's flat slots (arguments already validated). An op under
-    torch.compile: the pools are then graph inputs written in place, not functionalized into a copy of
-    the whole pool per layer and step."""
-    _write_kv(k_cache, v_cache, slot_mapping, k, v)
-
-
-@paged_kv_write_op.register_fake
-def _(k_cache, v_cache, slot_mapping, k, v):
-    return None
-
-
 def _write_kv(k_cache, v_cache, slot_mapping, k, v):
+    """k/v (N, Hkv, D) written to the pool's flat slots (arguments already validated)."""
     Hkv, D = k.shape[1:]
     k_cache.view(-1, Hkv, D).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, Hkv, D).index_copy_(0, slot_mapping, v)
+
+
+# fastlm::paged_kv_write, the op torch.compile sees: the pools are graph inputs written in place, not
+# functionalized into a copy of the whole pool per layer and step. Defined through torch.library.Library
+# rather than @custom_op: a call costs ~6 us instead of ~19 us (24 calls per step of a 12-layer model).
+_LIBRARY = torch.library.Library("fastlm", "FRAGMENT")
+_LIBRARY.define("paged_kv_write(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, Tensor k, Tensor v) -> ()")
+_LIBRARY.impl("paged_kv_write", _write_kv, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastlm::paged_kv_write")
+def _(k_cache, v_cache, slot_mapping, k, v):
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -409,7 +410,7 @@ def paged_kv_write(k_cache, v_cache, slot_mapping, k, v, check_values=True):
             raise ValueError(f"slot_mapping entries must be in [0, {slots}) (num_blocks * block_size), got "
                              f"min {int(slot_mapping.min())}, max {int(slot_mapping.max())}")
     if torch.compiler.is_compiling():
-        paged_kv_write_op(k_cache, v_cache, slot_mapping, k, v)
+        torch.ops.fastlm.paged_kv_write(k_cache, v_cache, slot_mapping, k, v)
     else:  # eager: no op dispatch (this runs twice per layer and step)
         _write_kv(k_cache, v_cache, slot_mapping, k, v)
 
