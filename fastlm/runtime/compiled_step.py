@@ -13,6 +13,8 @@ of the next bucket (1, 2, 4, 8), so each bucket compiles once with static shapes
 full width). Larger steps, prefills and the "eager" choice run the model as it is, unpadded. A compile
 that fails is not fatal: a warning, the reason in compile_error, and every later step eager.
 Inputs are checked eagerly (Transformer.check_step) before the compiled step runs.
+Memory: the compiled graphs hold frozen copies of the weights, and they outlive the engine (torch.compile
+keeps them; torch._dynamo.reset() did not free them): one compiled model per process.
 """
 import warnings
 from typing import Dict, Optional
