@@ -12,17 +12,19 @@ from tests.compare import assert_close_by_rule
 from tests.kernels.test_attention import ATOL, ON_CUDA, attention_plain, poisoned_outputs  # noqa: F401
 
 
-def make_pool(dense, lengths, block_size, tables=None):
+def make_pool(dense, lengths, block_size, tables=None, consecutive=False):
     """Lay dense (B, S, Hkv, D) out as a pool (num_blocks, block_size, Hkv, D) -> (pool, tables): each row's
-    first lengths[b] tokens in randomly placed blocks, tables int32 (B, max_blocks) with junk past the used
-    entries, free slots NaN. With tables given (another tensor's layout), only the pool is new."""
+    first lengths[b] tokens in randomly placed blocks (consecutive=True: each row's blocks in order, one
+    after the other, as the engine's block manager hands them out), tables int32 (B, max_blocks) with junk
+    past the used entries, free slots NaN. With tables given (another tensor's layout), only the pool is new."""
     B, S = dense.shape[:2]
     used = [-(-length // block_size) for length in lengths]
     if tables is None:
         tables = torch.randint(-3, 1000, (B, -(-S // block_size) + 1), dtype=torch.int32)  # junk
         rows = torch.arange(B).repeat_interleave(torch.tensor(used))
         cols = torch.cat([torch.arange(n) for n in used])
-        tables[rows, cols] = torch.randperm(sum(used) + 2)[: len(rows)].to(torch.int32)  # 2 blocks no row owns
+        ids = torch.arange(1, len(rows) + 1) if consecutive else torch.randperm(sum(used) + 2)[: len(rows)]
+        tables[rows, cols] = ids.to(torch.int32)  # 2 blocks no row owns
     n_blocks = sum(used) + 2
     pool = torch.full((n_blocks, block_size) + dense.shape[2:], float("nan"), dtype=dense.dtype)
     slots = pool.view(n_blocks * block_size, *dense.shape[2:])
@@ -36,20 +38,20 @@ def dense_kv(B, S, Hkv, D, dtype):
     return torch.randn(B, S, Hkv, D, dtype=dtype), torch.randn(B, S, Hkv, D, dtype=dtype)
 
 
-def run_decode(q, k, v, lengths, block_size, scale=None):
-    k_cache, tables = make_pool(k, lengths, block_size)
+def run_decode(q, k, v, lengths, block_size, scale=None, consecutive=False):
+    k_cache, tables = make_pool(k, lengths, block_size, consecutive=consecutive)
     v_cache, _ = make_pool(v, lengths, block_size, tables)
     seqlens = torch.tensor(lengths, dtype=torch.int32)
     return paged_decode_attention(q, k_cache, v_cache, tables, seqlens, softmax_scale=scale)
 
 
-def check_decode(case, dtype, block_size, scale=None):
+def check_decode(case, dtype, block_size, scale=None, consecutive=False):
     """case = (Sq, Hq, Hkv, D, lengths); returns the output for cross-layout comparisons."""
     Sq, Hq, Hkv, D, lengths = case
     B, S = len(lengths), max(lengths)
     q = torch.randn(B, Sq, Hq, D, dtype=dtype)
     k, v = dense_kv(B, S, Hkv, D, dtype)
-    out = run_decode(q, k, v, lengths, block_size, scale)
+    out = run_decode(q, k, v, lengths, block_size, scale, consecutive)
     seqlens = torch.tensor(lengths)
     args = dict(causal=True, scale=scale, q_positions=seqlens[:, None] - Sq + torch.arange(Sq), k_lengths=seqlens)
     ref = attention_plain(q.double(), k.double(), v.double(), **args)
@@ -118,6 +120,22 @@ PREFILL_CASES = [
 @pytest.mark.parametrize("case", DECODE_CASES)
 def test_decode_reference(case, dtype, reference_kernels):
     check_decode(case, dtype, block_size=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [(1, 6, 2, 40, [37]), (1, 4, 4, 32, [80, 70, 9]), (1, 8, 2, 64, [70, 70])])
+def test_decode_reference_reads_consecutive_blocks_in_place(case, dtype, reference_kernels):
+    """Each row's blocks one after the other (the engine's usual layout: read as a view of the pool, no
+    gather): one row (the batch-1 path), several rows (the per-row loop)."""
+    check_decode(case, dtype, block_size=16, consecutive=True)
+
+
+def test_decode_reference_rejects_consecutive_ids_past_the_pool(reference_kernels):
+    """Consecutive ids running past the pool are not read as a shorter slice: index_select rejects them."""
+    args = _decode_args(block_tables=torch.tensor([[5, 6], [2, 3]], dtype=torch.int32),  # 6 blocks: 0..5
+                        seqlens=torch.tensor([8, 5], dtype=torch.int32), check_values=False)
+    with pytest.raises(IndexError):
+        paged_decode_attention(**args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
