@@ -158,20 +158,26 @@ def choose(family: str, key: str, candidates: Mapping[str, Callable[[], object]]
     threads): forced by FASTLM_CPU_KERNELS, else cached, else the fastest by time_candidates."""
     if not candidates:
         raise ValueError("candidates must not be empty")
-    forced = forced_choice(family)
-    if forced is not None and forced in candidates:
-        return forced
     cache = cache or default_cache()
-    full_key = f"{family}|{key}"
-    known = cache.get(full_key)
-    if known in candidates:
-        return known
+    settled = settled_choice(family, key, candidates, cache)
+    if settled is not None:
+        return settled
     if len(candidates) == 1:
         return next(iter(candidates))
     times = time_candidates(candidates)
     best = min(times, key=times.get)
-    cache.put(full_key, best)
+    cache.put(f"{family}|{key}", best)
     return best
+
+
+def settled_choice(family: str, key: str, candidates, cache: Optional[ChoiceCache] = None) -> Optional[str]:
+    """The candidate choose() takes without timing: the one FASTLM_CPU_KERNELS forces, else the cached
+    one, if among candidates; None when it would time them."""
+    forced = forced_choice(family)
+    if forced is not None and forced in candidates:
+        return forced
+    known = (cache or default_cache()).get(f"{family}|{key}")
+    return known if known in candidates else None
 
 
 def time_candidates(candidates: Mapping[str, Callable[[], object]], rounds: int = ROUNDS) -> Dict[str, float]:

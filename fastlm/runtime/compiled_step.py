@@ -33,21 +33,18 @@ INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_b
 def step_key(model, bucket: int) -> str:
     """What a decode-step choice depends on besides the machine: the model's shapes, dtype, quantization,
     the bucket and the thread count."""
-    cfg = model.config
-    formats = sorted({f"int{m.bits}" + (f"-g{m.group_size}" if m.group_size else "")
-                      for m in model.modules() if hasattr(m, "bits") and hasattr(m, "group_size")})
+    cfg, qcfg = model.config, getattr(model, "quant_config", None)  # set by fastlm.model.quantize
+    quantized = "unquantized" if qcfg is None else qcfg.name + ("+head" if qcfg.quantize_head else "")
     dtype = str(model.dtype).replace("torch.", "")
     return (f"{dtype}|{cfg.model_type}-{cfg.norm}-{cfg.mlp}|L{cfg.n_layer}d{cfg.dim}h{cfg.n_head}kv{cfg.n_kv_head}"
-            f"f{cfg.intermediate_size}v{cfg.vocab_size}|{'+'.join(formats) or 'unquantized'}|rows={bucket}"
-            f"|t{torch.get_num_threads()}")
+            f"f{cfg.intermediate_size}v{cfg.vocab_size}|{quantized}|rows={bucket}|t{torch.get_num_threads()}")
 
 
 class CompiledDecodeSteps(DecodeGraphs):
-    """DecodeGraphs' interface (bucket_for, run) for the engine's ModelRunner, on a CPU pool."""
+    """DecodeGraphs' interface (bucket_for, run) for the engine's ModelRunner, on a CPU pool (Engine
+    refuses compile=True elsewhere)."""
 
     def __init__(self, model, pool, max_batch: int, max_blocks_per_seq: int):
-        if pool.k.device.type != "cpu":
-            raise ValueError(f"compiled decode steps are for CPU pools (a GPU replays CUDA graphs), got {pool.k.device}")
         super().__init__(model, pool, min(max_batch, MAX_COMPILED_BATCH), max_blocks_per_seq, capture=False)
         def step(input_ids, meta):  # the model through a closure, not an argument: freezing then folds its weights
             return model.forward_step(input_ids, meta)
@@ -74,10 +71,10 @@ class CompiledDecodeSteps(DecodeGraphs):
         """Time eager against compiled on this step (re-running a decode step rewrites the same K/V to the
         same slots) unless forced or cached; a failing compile leaves every step eager."""
         bucket = self.bucket_for(meta.num_decodes)
+        key = step_key(self.model, bucket)
         candidates = {"eager": lambda: self.model(input_ids, metadata=meta),
                       "compiled": lambda: self._run_compiled(input_ids, meta)}
-        if self.compile_error is None and cpu_choice.default_cache().get(
-                f"decode_step|{step_key(self.model, bucket)}") != "eager" and not _forced_eager():
+        if self.compile_error is None and cpu_choice.settled_choice("decode_step", key, candidates) != "eager":
             try:
                 self._run_compiled(input_ids, meta)  # compile now: not inside the timing
             except Exception as exc:  # noqa: BLE001 - a model that cannot be compiled still generates, eagerly
@@ -86,10 +83,6 @@ class CompiledDecodeSteps(DecodeGraphs):
                 self.compile_error = f"{type(exc).__name__}: {exc}"
         if self.compile_error is not None:
             candidates.pop("compiled")
-        choice = cpu_choice.choose("decode_step", step_key(self.model, bucket), candidates)
+        choice = cpu_choice.choose("decode_step", key, candidates)
         self.choices[bucket] = choice
         return choice
-
-
-def _forced_eager() -> bool:
-    return cpu_choice.forced_choice("decode_step") == "eager"

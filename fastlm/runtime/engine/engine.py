@@ -84,15 +84,15 @@ class Engine:
         check_engine_options(block_size=block_size, kv_cache_memory=kv_cache_memory,
                              gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=max_num_batched_tokens)
+        if compile and (tensor_parallel is not None or model.device.type != "cpu"):
+            raise ValueError("compile=True is for one CPU process (a GPU replays CUDA graphs: cuda_graphs), got "
+                             + ("a tensor-parallel model" if tensor_parallel is not None else f"{model.device}"))
         self.model, self.tokenizer = model, tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
         self.vocab_size = vocab_size if vocab_size is not None and vocab_size < model.config.vocab_size else None
         self.pool = KVPool(model, block_size, kv_cache_memory, max_num_seqs, gpu_memory_utilization)
         self.blocks = BlockManager(self.pool.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
-        if compile and (tensor_parallel is not None or self.pool.k.device.type != "cpu"):
-            raise ValueError("compile=True is for one CPU process (a GPU replays CUDA graphs: cuda_graphs), got "
-                             + ("a tensor-parallel model" if tensor_parallel is not None else f"{self.pool.k.device}"))
         if tensor_parallel is not None:
             self.runner = TensorParallelRunner(model, self.pool, tensor_parallel)
         else:
