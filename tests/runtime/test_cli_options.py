@@ -145,6 +145,8 @@ def test_compile_flag_reaches_the_engine(llama, capsys, monkeypatch):
     the compiled path itself is tested in test_compiled_step.py)."""
     monkeypatch.setenv("FASTLM_CPU_KERNELS", "eager")
     llm, folder = llama
+    if llm.device.type != "cpu":
+        pytest.skip("--compile is for CPU runs; the test LLMs are on a GPU (FASTLM_TEST_DEVICE=cuda)")
     full = llm.generate(PROMPT, max_new_tokens=24, temperature=0)
     assert cli_text(capsys, llm, folder, "--temperature", "0", "--compile") == full
     code, out, err = run_cli(capsys, "bench", "--model", folder, "--device", "cpu", "--compile", "--batch-size", "1",

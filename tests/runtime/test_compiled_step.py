@@ -14,6 +14,15 @@ from tests.runtime.engine_util import PROMPTS, assert_all_free, generate, make_e
 
 
 @pytest.fixture
+def cpu_llms(llms):
+    """The session's LLMs, which must be on the CPU: compiled steps are CPU-only (on a GPU, see
+    test_compile_is_refused_on_a_gpu_pool)."""
+    if any(llm.device.type != "cpu" for llm in llms.values()):
+        pytest.skip("compiled decode steps run on the CPU; the test LLMs are on a GPU (FASTLM_TEST_DEVICE=cuda)")
+    return llms
+
+
+@pytest.fixture
 def own_cache(monkeypatch, tmp_path):
     """A fresh choice cache (nothing timed or forced yet) in tmp_path."""
     monkeypatch.setenv(cpu_choice.ENV_CACHE_DIR, str(tmp_path))
@@ -30,9 +39,9 @@ def compiled_engine(llm, packed=False, **options):
 
 
 @pytest.mark.parametrize("name,packed,prompts", [("gpt2", True, PROMPTS[:3]), ("llama_gqa", False, PROMPTS[4:5])])
-def test_compiled_steps_give_the_oracle_tokens(name, packed, prompts, llms, reference_kernels, monkeypatch):
+def test_compiled_steps_give_the_oracle_tokens(name, packed, prompts, cpu_llms, reference_kernels, monkeypatch):
     monkeypatch.setenv(cpu_choice.ENV_FORCE, "compiled")
-    llm = llms[name]
+    llm = cpu_llms[name]
     engine = compiled_engine(llm, packed, max_num_seqs=4)
     steps = engine.runner.graphs
     assert isinstance(steps, CompiledDecodeSteps)
@@ -45,17 +54,17 @@ def test_compiled_steps_give_the_oracle_tokens(name, packed, prompts, llms, refe
     assert_all_free(engine)
 
 
-def test_forced_eager_never_compiles(llms, reference_kernels, monkeypatch):
+def test_forced_eager_never_compiles(cpu_llms, reference_kernels, monkeypatch):
     monkeypatch.setenv(cpu_choice.ENV_FORCE, "eager")
     monkeypatch.setattr(CompiledDecodeSteps, "_run_compiled", lambda *a: pytest.fail("compiled under eager"))
-    llm = llms["gpt2"]
+    llm = cpu_llms["gpt2"]
     engine = compiled_engine(llm, max_num_seqs=4)
     assert generate(engine, PROMPTS[:2]) == reference_greedy(llm, PROMPTS[:2])
     assert set(engine.runner.graphs.choices.values()) == {"eager"}
 
 
-def test_timed_choice_is_cached_and_an_eager_one_skips_compiling(llms, reference_kernels, own_cache, monkeypatch):
-    llm = llms["llama_gqa"]
+def test_timed_choice_is_cached_and_an_eager_one_skips_compiling(cpu_llms, reference_kernels, own_cache, monkeypatch):
+    llm = cpu_llms["llama_gqa"]
     engine = compiled_engine(llm, max_num_seqs=2)
     assert generate(engine, PROMPTS[5:6]) == reference_greedy(llm, PROMPTS[5:6])
     key = f"decode_step|{step_key(llm.model, 1)}"
@@ -70,8 +79,8 @@ def test_timed_choice_is_cached_and_an_eager_one_skips_compiling(llms, reference
     assert again.runner.graphs.choices == {1: "eager"}
 
 
-def test_a_failing_compile_falls_back_to_eager_steps(llms, reference_kernels, own_cache):
-    llm = llms["gpt2"]
+def test_a_failing_compile_falls_back_to_eager_steps(cpu_llms, reference_kernels, own_cache):
+    llm = cpu_llms["gpt2"]
     engine = compiled_engine(llm, max_num_seqs=4)
     steps = engine.runner.graphs
 
@@ -83,9 +92,9 @@ def test_a_failing_compile_falls_back_to_eager_steps(llms, reference_kernels, ow
     assert "no C++ compiler" in steps.compile_error and set(steps.choices.values()) == {"eager"}
 
 
-def test_steps_beyond_the_compiled_buckets_run_eagerly(llms, reference_kernels, monkeypatch):
+def test_steps_beyond_the_compiled_buckets_run_eagerly(cpu_llms, reference_kernels, monkeypatch):
     monkeypatch.setattr(CompiledDecodeSteps, "_run_compiled", lambda *a: pytest.fail("compiled beyond bucket 8"))
-    llm = llms["gpt2"]
+    llm = cpu_llms["gpt2"]
     engine = compiled_engine(llm, max_num_seqs=16)
     steps = engine.runner.graphs
     assert steps.buckets == [1, 2, 4, 8] and steps.bucket_for(9) is None
@@ -93,7 +102,51 @@ def test_steps_beyond_the_compiled_buckets_run_eagerly(llms, reference_kernels, 
     assert generate(engine, prompts) == reference_greedy(llm, prompts)
 
 
+def test_compile_is_refused_on_a_gpu_pool(llms):
+    llm = llms["gpt2"]
+    if llm.device.type != "cuda":
+        pytest.skip("needs the test LLMs on a GPU (FASTLM_TEST_DEVICE=cuda: benchmarks/gpu_check.py)")
+    with pytest.raises(ValueError, match="compile=True is for one CPU process"):
+        Engine(llm.model, llm.eos_token_ids, llm.tokenizer, compile=True)
+
+
 def test_compile_is_refused_where_it_cannot_run(checkpoints):
     folder = str(checkpoints["gpt2"][0])
     with pytest.raises(ValueError, match="compile=True is not available with tensor_parallel_size > 1"):
         fastlm.LLM(folder, device="cpu", tensor_parallel_size=2, compile=True)
+
+
+def test_threads_sharing_a_compiled_llm_with_an_abort(checkpoints, cpu_llms, reference_kernels, monkeypatch):
+    """Four threads on one LLM(compile=True) (steps of 1 and 2 rows, compiled), one of them dropping its
+    stream half-way: each finished call gets the eager LLM's text, and every block is free after."""
+    import threading
+
+    monkeypatch.setenv(cpu_choice.ENV_FORCE, "compiled")
+    prompts = ["def read_config(path):", "class Foo(object):", "Once upon a time", "The quick brown fox"]
+    solo = {p: cpu_llms["llama_gqa"].generate(p, max_new_tokens=20, temperature=0) for p in prompts}
+    llm = fastlm.LLM(str(checkpoints["llama_gqa"][0]), dtype="float32", device="cpu", compile=True, max_num_seqs=2)
+    start, results, errors = threading.Barrier(len(prompts)), {}, []
+
+    def work(prompt, abort):
+        try:
+            start.wait()
+            if abort:
+                stream = llm.stream(prompt, max_new_tokens=20, temperature=0)
+                next(stream), next(stream)
+                stream.close()  # aborts the request
+            results[prompt] = llm.generate(prompt, max_new_tokens=20, temperature=0)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(p, i == 0)) for i, p in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert errors == [] and results == solo
+        steps = llm.engine.runner.graphs
+        assert steps.compile_error is None and set(steps.choices.values()) == {"compiled"}
+        assert_all_free(llm.engine)
+    finally:
+        llm.close()
