@@ -7,7 +7,8 @@ feeding the next, through:
   - aten: F.linear (torch's BLAS);
   - onednn: fastlm's oneDNN-prepacked weights (fastlm.runtime.cpu_linear.PackedLinear);
   - compiled: torch.compile with Inductor freezing + max-autotune's C++ GEMM templates (what
-    `--compile` / LLM(compile=True) uses for the decode step, fastlm.runtime.compiled_step).
+    `--compile` / LLM(compile=True) uses for the decode step, fastlm.runtime.compiled_step);
+  - gemv: fastlm's C++ GEMV (fastlm.kernels.gemv; skipped where it does not build).
 Reported as ms per chain, GB/s of weights and the fraction of the read bandwidth measured in the same
 run (a large fp32 sum). Rounds alternate the implementations; medians.
 
@@ -46,6 +47,7 @@ class Chain(nn.Module):
 
 
 def implementations(dtype):
+    from fastlm.kernels.gemv import cpu_gemv_available, cpu_gemv_build_error
     from fastlm.runtime.compiled_step import INDUCTOR_OPTIONS
     from fastlm.runtime.cpu_linear import pack_linears
     import torch._inductor.config as inductor_config
@@ -62,7 +64,17 @@ def implementations(dtype):
         with inductor_config.patch(INDUCTOR_OPTIONS):
             return compiled(x)
     nbytes = sum(p.numel() * p.element_size() for p in aten.parameters())
-    return {"aten": aten, "onednn": onednn, "compiled": run_compiled}, nbytes
+    impls = {"aten": aten, "onednn": onednn, "compiled": run_compiled}
+    if cpu_gemv_available():
+        gemv = copy.deepcopy(aten)
+        pack_linears(gemv, 1, min_bytes=0)
+        for module in gemv.modules():
+            if hasattr(module, "group"):
+                module.group.choices = ["gemv"] * len(module.group.choices)
+        impls["gemv"] = gemv
+    else:
+        print(f"gemv skipped: {cpu_gemv_build_error()}")
+    return impls, nbytes
 
 
 def read_gbs():

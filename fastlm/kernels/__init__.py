@@ -16,6 +16,8 @@ Layout: one family per public file over a private kernel module; imports run one
                                    @triton.jit kernels, their launch configurations and host launchers
                                    (launch_*), and LAUNCHES: the configurations compile_check builds
            _quant_cpu.py           the quantized linears' CPU paths (PyTorch's packed kernels, timed)
+           _cpu_ext.py, csrc/      fastlm's C++ CPU kernels (GEMV, paged decode attention): built per machine
+    gemv.py                        the CPU GEMV's public function (decode-sized linears at memory bandwidth)
           -> _utils.py             dispatch rule (use_triton), argument checks, launch helpers, Launch
     compile_check.py               ahead-of-time compile of every module in its KERNEL_MODULES
 
@@ -26,6 +28,7 @@ its reference, op and public function in a public file; it imports only downward
 (underscored) name from another module: private modules export their launchers without an underscore.
 """
 from fastlm.kernels.attention import attention_ref, decode_attention, flash_attention
+from fastlm.kernels.gemv import cpu_gemv, cpu_gemv_available, cpu_gemv_ref
 from fastlm.kernels.paged_attention import paged_decode_attention, paged_kv_write, paged_prefill_attention
 from fastlm.kernels.norms import LayerNorm, RMSNorm, layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
 from fastlm.kernels.patch import PatchReport, patch
@@ -37,5 +40,5 @@ __all__ = [
     "attention_ref", "flash_attention", "decode_attention",
     "paged_decode_attention", "paged_kv_write", "paged_prefill_attention", "patch", "PatchReport",
     "quantize_int8", "quantize_int4", "dequantize_int8", "dequantize_int4", "int8_linear", "int4_linear",
-    "QuantLinear", "QuantEmbedding",
+    "QuantLinear", "QuantEmbedding", "cpu_gemv", "cpu_gemv_ref", "cpu_gemv_available",
 ]

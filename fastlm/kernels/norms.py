@@ -16,8 +16,9 @@ without a residual (h would be x itself), mean is (0,) for RMSNorm, dbias is (0,
 Each op runs the Triton launcher when use_triton(x) (fastlm.kernels._utils: the dispatch rule), else the
 reference; the reference forward returns zeros for the statistics (the reference backward recomputes
 them from h: cheaper, on the CPU decode path, than saving them). The public functions call the op on the
-Triton path and whenever torch.compile traces them; eager CPU calls the references directly
-(eager_reference: no op dispatch, and autograd is torch's).
+Triton path only; the CPU calls the references directly, eagerly (no op dispatch, and autograd is
+torch's) and under torch.compile, which then fuses them into its own loops instead of calling an opaque
+op (on the development AMD EPYC a compiled GPT-2 decode step spent ~20 us in each of its 25 norm ops).
 """
 from typing import Optional
 
@@ -27,7 +28,7 @@ from torch import Tensor
 from torch.library import custom_op
 
 from fastlm.kernels._norm import launch_norm_bwd, launch_norm_fwd
-from fastlm.kernels._utils import check_positive_float, check_tensor, eager_reference, use_triton
+from fastlm.kernels._utils import check_positive_float, check_tensor, use_triton
 
 MAX_N = 65536  # longest supported row
 
@@ -153,7 +154,7 @@ def layer_norm(x, weight, bias=None, eps=1e-5, residual=None):
     pass; gradients flow into x, residual, weight, bias, and from both outputs.
     """
     eps = _validate(x, weight, bias, residual, eps)
-    if eager_reference(x):  # eager CPU: plain torch, no op dispatch
+    if not use_triton(x):  # CPU: plain torch, eager (no op dispatch) or traced (fused by the compiler)
         return layer_norm_ref(x, weight, bias, eps, residual)
     y, h, _, _ = norm_fwd(x, weight, bias, residual, eps, False)
     return y if residual is None else (y, h)
@@ -165,7 +166,7 @@ def rms_norm(x, weight, eps=1e-6, residual=None):
     With `residual`, returns (rms_norm(h), h) for h = x + residual, fused in one pass.
     """
     eps = _validate(x, weight, None, residual, eps)
-    if eager_reference(x):  # eager CPU: plain torch, no op dispatch
+    if not use_triton(x):  # CPU: plain torch, eager (no op dispatch) or traced (fused by the compiler)
         return rms_norm_ref(x, weight, eps, residual)
     y, h, _, _ = norm_fwd(x, weight, None, residual, eps, True)
     return y if residual is None else (y, h)

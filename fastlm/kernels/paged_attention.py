@@ -16,7 +16,9 @@ fp32 / fp16 / bf16, D <= 256, any block_size >= 1, softmax in fp32. Inference on
 through the Triton path). Dispatch (fastlm.kernels._utils.use_triton): CUDA -> the Triton kernels of
 _paged.py (split-KV decode with an LSE combine; flash-attention prefill reading K/V through the block
 table); CPU -> the references below (gather the rows' tokens with index_select into per-thread scratch buffers,
-then torch SDPA in fp32), or the Triton kernels under TRITON_INTERPRET=1.
+then torch SDPA in fp32), or the Triton kernels under TRITON_INTERPRET=1. One exception on CPU: decode with
+one query per row (fp32/bf16) runs fastlm's C++ kernel (fastlm.kernels._cpu_ext) where it builds, unless
+FASTLM_KERNELS=reference or the interpreter is on.
 """
 import math
 import threading
@@ -26,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.library import custom_op
 
-from fastlm.kernels import _paged
-from fastlm.kernels._utils import check_tensor, use_triton
+from fastlm.kernels import _cpu_ext, _paged
+from fastlm.kernels._utils import check_tensor, interpreter_enabled, reference_forced, use_triton
 from fastlm.kernels.attention import MAX_DECODE_QUERIES, MAX_HEAD_DIM, _resolve_scale
 
 
@@ -430,6 +432,14 @@ def paged_kv_write(k_cache, v_cache, slot_mapping, k, v, check_values=True):
         _write_kv(k_cache, v_cache, slot_mapping, k, v)
 
 
+def _cpu_kernel_decodes(q, k_cache) -> bool:
+    """True where fastlm's C++ CPU decode kernel (csrc/cpu_paged_attention.cpp) runs: one query per row of
+    fp32/bf16 on a CPU, the library built here, and neither Triton's interpreter (which tests the Triton
+    kernel) nor FASTLM_KERNELS=reference (the PyTorch reference) asked for."""
+    return (q.device.type == "cpu" and q.shape[1] == 1 and q.dtype in (torch.float32, torch.bfloat16)
+            and k_cache.is_contiguous() and not interpreter_enabled() and not reference_forced() and _cpu_ext.load())
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seqlens, softmax_scale=None, check_values=True):
     """Decode attention over a paged KV pool: q (B, Sq <= 8, Hq, D); k_cache, v_cache
     (num_blocks, block_size, Hkv, D); block_tables int32 (B, max_blocks); seqlens int32 (B,) valid tokens
@@ -439,6 +449,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seqlens, softmax_s
     once on tables every layer shares."""
     _check_decode(q, k_cache, v_cache, block_tables, seqlens, check_values)
     scale = _resolve_scale(softmax_scale, q.shape[-1])
+    if _cpu_kernel_decodes(q, k_cache):  # eagerly or traced by torch.compile: one C++ op
+        return torch.ops.fastlm_cpu.paged_decode(q[:, 0], k_cache, v_cache, block_tables, seqlens, scale)[:, None]
     if not torch.compiler.is_compiling() and not use_triton(q):
         return paged_decode_ref(q, k_cache, v_cache, block_tables, seqlens, scale)  # eager CPU: no op dispatch
     return paged_decode_attn(q, k_cache, v_cache, block_tables, seqlens, scale)

@@ -170,6 +170,7 @@ def _configuration(ranks: int, threads) -> str:
 def _print_kernel_choices(model) -> None:
     """The CPU linear kernels chosen per (dtype, shape, input rows, threads), see cpu_linear.py."""
     from fastlm.kernels import cpu_choice
+    from fastlm.kernels.gemv import cpu_gemv_build_error
     from fastlm.runtime.cpu_linear import linear_choices
 
     from fastlm.kernels._quant_cpu import choices as quantized_choices
@@ -184,6 +185,9 @@ def _print_kernel_choices(model) -> None:
     forced = cpu_choice.forced_choice("linear")
     source = f"forced by {cpu_choice.ENV_FORCE}" if forced else f"timed, cached in {cpu_choice.default_cache().path}"
     print(f"CPU linear kernels ({source}):")
+    gemv_error = cpu_gemv_build_error()
+    if gemv_error:
+        print(f"  (fastlm's GEMV is not a candidate here: {gemv_error})")
     for key, name in sorted(choices.items()):
         print(f"  {key}: {name}")
 

@@ -75,6 +75,7 @@ class CompiledDecodeSteps(DecodeGraphs):
         candidates = {"eager": lambda: self.model(input_ids, metadata=meta),
                       "compiled": lambda: self._run_compiled(input_ids, meta)}
         if self.compile_error is None and cpu_choice.settled_choice("decode_step", key, candidates) != "eager":
+            candidates["eager"]()  # settles the linears' kernel choices (cpu_linear) eagerly: tracing reads them
             try:
                 self._run_compiled(input_ids, meta)  # compile now: not inside the timing
             except Exception as exc:  # noqa: BLE001 - a model that cannot be compiled still generates, eagerly

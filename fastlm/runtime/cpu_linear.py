@@ -1,12 +1,14 @@
-"""CPU linear layers that use, per weight shape and batch size, the faster of aten and oneDNN.
+"""CPU linear layers that use, per weight shape and batch size, the fastest of aten, oneDNN and fastlm's GEMV.
 
 A decode step is a chain of matrix-vector products whose cost is reading the weights. Packing each
 weight once into oneDNN's blocked layout (what torch.compile's CPU backend does with freezing) read it
 2x faster than aten's F.linear on the project's AMD EPYC (fp32 18 -> 36 GB/s, bf16 15 -> 34 GB/s at
 batch 1, one thread) but ~15% slower on an Intel Xeon with AMX (fp32, 768 x 3072). So the choice is
 measured on the machine at hand (fastlm.kernels.cpu_choice): for each (dtype, weight shape, size
-class of the input rows, threads) the two are timed once and the faster one is cached on disk;
-FASTLM_CPU_KERNELS=aten|onednn forces one.
+class of the input rows, threads) the candidates are timed once and the fastest is cached on disk;
+FASTLM_CPU_KERNELS=aten|onednn|gemv forces one. The third candidate, for decode-sized inputs (up to 16
+rows), is fastlm.kernels.gemv's C++ kernel where it builds on the machine: on the same AMD EPYC it
+read bf16 weights at the memory's bandwidth where oneDNN read them at ~0.75 of it.
 
 pack_linears(model) swaps each nn.Linear of at least MIN_PACKED_BYTES for a PackedLinear that keeps
 the original Parameters (state dict keys and tied weights unchanged) plus the packed copy, so these
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastlm.kernels import cpu_choice
+from fastlm.kernels.gemv import cpu_gemv_available, gemv_op
 
 MIN_PACKED_BYTES = 1 << 20  # smaller weights stay nn.Linear
 SIZE_CLASSES = (1, 16, None)  # upper bounds of input rows per class: batch-1 decode, batched decode, prefill
@@ -51,8 +54,12 @@ def size_class(rows: int) -> int:
     raise AssertionError("unreachable: the last class has no bound")
 
 
+GEMV_CLASSES = (0, 1)  # size classes offered fastlm's GEMV (decode); prefill is a GEMM's job
+
+
 class LinearShapeGroup:
-    """The PackedLinears of one (dtype, out, in) and their choice per size class ("aten" | "onednn")."""
+    """The PackedLinears of one (dtype, out, in) and their choice per size class ("aten" | "onednn" |
+    "gemv")."""
 
     def __init__(self, dtype: torch.dtype, out_features: int, in_features: int):
         self.dtype, self.out_features, self.in_features = dtype, out_features, in_features
@@ -60,8 +67,15 @@ class LinearShapeGroup:
         self.choices = [None] * len(SIZE_CLASSES)
 
     def key(self, index: int) -> str:
+        """The cache key; it names the candidates, so a choice cached before a candidate existed is not
+        taken for one among all of them."""
         dtype = str(self.dtype).replace("torch.", "")
-        return f"{dtype}|{self.out_features}x{self.in_features}|{CLASS_LABELS[index]}|t{torch.get_num_threads()}"
+        return (f"{dtype}|{self.out_features}x{self.in_features}|{CLASS_LABELS[index]}|t{torch.get_num_threads()}"
+                f"|{'+'.join(self.candidate_names(index))}")
+
+    @staticmethod
+    def candidate_names(index: int) -> tuple:
+        return ("aten", "onednn", "gemv") if index in GEMV_CLASSES and cpu_gemv_available() else ("aten", "onednn")
 
     def choice(self, index: int) -> str:
         if self.choices[index] is None:
@@ -79,7 +93,7 @@ class LinearShapeGroup:
             with torch.no_grad():
                 for m in members:
                     m.run(kind, x)
-        return {"aten": lambda: run("aten"), "onednn": lambda: run("onednn")}
+        return {name: (lambda kind=name: run(kind)) for name in self.candidate_names(index)}
 
 
 class PackedLinear(nn.Module):
@@ -101,16 +115,20 @@ class PackedLinear(nn.Module):
     def run(self, kind: str, x: torch.Tensor) -> torch.Tensor:
         if kind == "onednn":
             return self._op(x, self.packed, self._bias, "none", [], "")
+        if kind == "gemv":  # x (..., in) of CPU fp32/bf16, the module's dtype: what the op takes, as 2-D
+            y = gemv_op(x.reshape(-1, self.in_features), self._weight, self._bias)
+            return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self._weight, self._bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # ~50 calls per token: kept to a few Python steps
-        if torch.compiler.is_compiling():  # a plain linear: the compiler packs and tunes its own GEMM
-            return F.linear(x, self._weight, self._bias)
         rows = x.numel() // self.in_features if self.in_features else 0
         index = 0 if rows <= SIZE_CLASSES[0] else (1 if rows <= SIZE_CLASSES[1] else 2)
-        if (self.group.choices[index] or self.group.choice(index)) == "onednn":
-            return self._op(x, self.packed, self._bias, "none", [], "")
-        return F.linear(x, self._weight, self._bias)
+        if torch.compiler.is_compiling():
+            # The GEMV where it was chosen (decided eagerly before tracing), else a plain linear: the
+            # compiler packs and tunes its own GEMM.
+            kind = "gemv" if self.group.choices[index] == "gemv" else "aten"
+            return self.run(kind, x)
+        return self.run(self.group.choices[index] or self.group.choice(index), x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -113,6 +113,77 @@ PREFILL_CASES = [
 
 
 # ---------------------------------------------------------------------------------------------------
+# fastlm's C++ CPU decode kernel (one query per row, fp32/bf16; fastlm.kernels._cpu_ext)
+
+
+@pytest.fixture
+def cpp_kernels(monkeypatch):
+    """The CPU path users get: no interpreter, no forced reference; skips where the library did not build."""
+    if ON_CUDA:
+        pytest.skip("the C++ decode kernel is the CPU path")
+    from fastlm.kernels import _cpu_ext
+    if not _cpu_ext.load():
+        pytest.skip(f"fastlm's C++ CPU kernels did not build here: {_cpu_ext.build_error()}")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("FASTLM_KERNELS", raising=False)
+
+
+def _ran_ops(fn):
+    with torch.profiler.profile() as prof:
+        out = fn()
+    return out, {event.key for event in prof.key_averages()}
+
+
+ONE_QUERY_CASES = [case for case in DECODE_CASES if case[0] == 1] + [(1, 12, 12, 64, [80]), (1, 5, 1, 17, [3, 1, 50])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ONE_QUERY_CASES)
+@pytest.mark.parametrize("consecutive", [False, True])
+def test_decode_cpp(case, dtype, consecutive, cpp_kernels):
+    _, ops = _ran_ops(lambda: check_decode(case, dtype, block_size=16, consecutive=consecutive))
+    assert "fastlm_cpu::paged_decode" in ops
+
+
+@pytest.mark.parametrize("case", ONE_QUERY_CASES[:3])
+def test_decode_cpp_block_sizes_agree(case, cpp_kernels):
+    outs = []
+    for block_size in (1, 16, 7):
+        torch.manual_seed(1)
+        outs.append(check_decode(case, torch.float32, block_size))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[2], outs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_decode_cpp_softmax_scale_and_junk_past_the_used_blocks(cpp_kernels):
+    args = _decode_args(q=torch.randn(2, 1, 4, 32), block_tables=torch.tensor([[0, -7], [2, 3]], dtype=torch.int32))
+    out = paged_decode_attention(**args, softmax_scale=0.3)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FASTLM_KERNELS", "reference")
+        ref = paged_decode_attention(**args, softmax_scale=0.3)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tables,seqlens,match", [
+    ([[0, 7], [2, 3]], [5, 8], r"block_tables\[0, 1\] = 7 outside the pool of 6 blocks"),
+    ([[0, 1], [-1, 3]], [5, 8], r"block_tables\[1, 0\] = -1"),
+    ([[0, 1], [2, 3]], [5, 9], r"seqlens\[1\] = 9 outside \[1, 8\]"),
+])
+def test_decode_cpp_never_reads_outside_the_pool(tables, seqlens, match, cpp_kernels):
+    """With check_values=False (the engine checked its tables once per step) bad values still raise."""
+    args = _decode_args(q=torch.randn(2, 1, 4, 32), block_tables=torch.tensor(tables, dtype=torch.int32),
+                        seqlens=torch.tensor(seqlens, dtype=torch.int32), check_values=False)
+    with pytest.raises(RuntimeError, match=match):
+        paged_decode_attention(**args)
+
+
+def test_decode_cpp_traced_by_torch_compile(cpp_kernels):
+    args = _decode_args(q=torch.randn(2, 1, 4, 32), check_values=False)
+    compiled = torch.compile(lambda **a: paged_decode_attention(**a) * 2, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(**args), paged_decode_attention(**args) * 2)
+
+
+# ---------------------------------------------------------------------------------------------------
 # The references (the CPU path)
 
 

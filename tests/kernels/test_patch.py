@@ -161,7 +161,8 @@ def test_interpreter_kernels_end_to_end():
 
 def test_patched_model_compiles_without_graph_break(reference_kernels):
     """fullgraph=True: the attention function, its fallback test and the norms all trace; the graph holds
-    fastlm's custom ops (run eagerly by a recording backend, so autograd works as usual)."""
+    fastlm's custom ops (run eagerly by a recording backend, so autograd works as usual), the norms' only
+    on a GPU."""
     original = build("llama")
     patched = twin_of(original)
     patch(patched)
@@ -177,7 +178,9 @@ def test_patched_model_compiles_without_graph_break(reference_kernels):
     torch.testing.assert_close(logits_c, logits, **FP32_TOL)
     for name, grad in grads.items():
         torch.testing.assert_close(grads_c["_orig_mod." + name], grad, **FP32_TOL)
-    assert {"fastlm.flash_attn_fwd.default", "fastlm.norm_fwd.default"} <= targets, targets
+    assert "fastlm.flash_attn_fwd.default" in targets, targets
+    # norms: the Triton op on a GPU; on CPU the reference itself is traced (the compiler fuses it)
+    assert ("fastlm.norm_fwd.default" in targets) == ON_CUDA, targets
 
 
 def test_unpatched_models_are_unaffected(reference_kernels):

@@ -150,3 +150,34 @@ def test_threads_sharing_a_compiled_llm_with_an_abort(checkpoints, cpu_llms, ref
         assert_all_free(llm.engine)
     finally:
         llm.close()
+
+
+@pytest.fixture
+def cpp_kernels(monkeypatch):
+    """The CPU path users get (no interpreter, no forced references), with fastlm's C++ kernels."""
+    from fastlm.kernels import _cpu_ext
+    if not _cpu_ext.load():
+        pytest.skip(f"fastlm's C++ CPU kernels did not build here: {_cpu_ext.build_error()}")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("FASTLM_KERNELS", raising=False)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cpp_gemv_and_decode_attention_give_the_oracle_tokens(compiled, cpu_llms, cpp_kernels, own_cache, monkeypatch):
+    """Every packed linear's decode-sized calls through fastlm's C++ GEMV (forced) and the decode attention
+    through its C++ kernel, in eager steps and inside compiled ones (steps of 1, 2 and 3 rows padded to 4)."""
+    import torch
+
+    monkeypatch.setenv(cpu_choice.ENV_FORCE, "gemv")
+    llm = cpu_llms["llama_gqa"]
+    engine = compiled_engine(llm, packed=True, max_num_seqs=4)
+    for bucket in engine.runner.graphs.buckets:  # the step choice cached, as a timed one would be
+        cpu_choice.default_cache().put(f"decode_step|{step_key(engine.model, bucket)}", "compiled" if compiled else "eager")
+    prompts = [PROMPTS[0], PROMPTS[1][:5], PROMPTS[2][:9]]
+    with torch.profiler.profile() as prof:
+        tokens = generate(engine, prompts)
+    assert tokens == reference_greedy(llm, prompts)
+    ran = {event.key for event in prof.key_averages()}
+    assert {"fastlm_cpu::gemv", "fastlm_cpu::paged_decode"} <= ran
+    assert set(engine.runner.graphs.choices.values()) == {"compiled" if compiled else "eager"}
+    assert_all_free(engine)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from fastlm.kernels import cpu_choice
+from fastlm.kernels.gemv import cpu_gemv_available
 from fastlm.runtime.cpu_linear import PackedLinear, linear_choices, pack_linears, packing_available, size_class
 
 pytestmark = pytest.mark.skipif(not packing_available(torch.float32, "cpu"), reason="no oneDNN fp32 packing here")
@@ -53,7 +54,7 @@ def test_forced_choice_skips_timing(cache, timings, monkeypatch):
 
 def test_forced_unknown_name_is_a_clear_error(cache, monkeypatch):
     monkeypatch.setenv(cpu_choice.ENV_FORCE, "mkl")
-    with pytest.raises(ValueError, match="FASTLM_CPU_KERNELS must be auto or one of aten, compiled, dequant, eager, onednn, packed, got 'mkl'"):
+    with pytest.raises(ValueError, match="FASTLM_CPU_KERNELS must be auto or one of aten, compiled, dequant, eager, gemv, onednn, packed, got 'mkl'"):
         cpu_choice.choose("linear", "k", _counting_candidates()[1], cache)
 
 
@@ -114,7 +115,7 @@ def _model(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
     not packing_available(torch.bfloat16, "cpu"), reason="no oneDNN bf16 packing here"))])
-@pytest.mark.parametrize("force", ["aten", "onednn", "auto"])
+@pytest.mark.parametrize("force", ["aten", "onednn", "gemv", "auto"])
 @pytest.mark.parametrize("rows", [1, 5, 33])
 def test_chosen_path_matches_f_linear(monkeypatch, dtype, force, rows):
     monkeypatch.setenv(cpu_choice.ENV_FORCE, force)
@@ -127,8 +128,10 @@ def test_chosen_path_matches_f_linear(monkeypatch, dtype, force, rows):
         expected, got = plain(x), packed(x)
         exact = plain.double()(x.double())
     chosen = set(linear_choices(packed).values())
-    if force == "auto":
-        assert chosen <= {"aten", "onednn"} and len(linear_choices(packed)) == 2  # two shapes, one size class
+    gemv_offered = rows <= 16 and cpu_gemv_available()  # a decode-sized input, the C++ kernel built here
+    if force == "auto" or (force == "gemv" and not gemv_offered):
+        names = {"aten", "onednn", "gemv"} if gemv_offered else {"aten", "onednn"}
+        assert chosen <= names and len(linear_choices(packed)) == 2  # two shapes, one size class
     else:
         assert chosen == {force}
     if force == "aten":

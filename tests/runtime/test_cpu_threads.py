@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fastlm.runtime import commands
-from fastlm.runtime.cpu_linear import pack_linears, packing_available
+from fastlm.runtime.cpu_linear import LinearShapeGroup, pack_linears, packing_available
 from fastlm.runtime.cpu_threads import physical_cores, set_threads
 from tests.runtime.test_errors import run_cli
 
@@ -54,7 +54,7 @@ def test_unknown_forced_kernel_is_a_one_line_error(checkpoints, capsys, monkeypa
     code, out, err = run_cli(capsys, "generate", "hi", "--model", str(checkpoints["gpt2"][0]), "--device", "cpu",
                              "--dtype", "float32", "--max-new-tokens", "2")
     assert (code, out) == (2, "") and err.count("\n") == 1
-    assert "FASTLM_CPU_KERNELS must be auto or one of aten, compiled, dequant, eager, onednn, packed, got 'fastest'" in err
+    assert "FASTLM_CPU_KERNELS must be auto or one of aten, compiled, dequant, eager, gemv, onednn, packed, got 'fastest'" in err
 
 
 @pytest.mark.parametrize("force, source", [("onednn", "forced by FASTLM_CPU_KERNELS"), ("auto", "timed, cached in")])
@@ -69,6 +69,7 @@ def test_bench_prints_the_kernel_choices(capsys, monkeypatch, force, source):
     commands._print_kernel_choices(model)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"CPU linear kernels ({source}") and len(lines) == 3
-    assert all(line.split(": ")[1] in (("onednn",) if force == "onednn" else ("aten", "onednn")) for line in lines[1:])
+    names = LinearShapeGroup.candidate_names(0)  # aten, onednn (+ gemv where fastlm's C++ kernels built)
+    assert all(line.split(": ")[1] in (("onednn",) if force == "onednn" else names) for line in lines[1:])
     assert sorted(line.split(": ")[0].strip() for line in lines[1:]) == \
-        [f"float32|32x64|rows=1|t{torch.get_num_threads()}", f"float32|64x32|rows=1|t{torch.get_num_threads()}"]
+        [f"float32|{shape}|rows=1|t{torch.get_num_threads()}|{'+'.join(names)}" for shape in ("32x64", "64x32")]

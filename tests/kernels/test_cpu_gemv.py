@@ -1,0 +1,115 @@
+"""fastlm.kernels.gemv: the C++ CPU GEMV against fp64, odd shapes, its checks; the C++ library's build
+cache and fallback (fastlm.kernels._cpu_ext)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastlm.kernels import _cpu_ext
+from fastlm.kernels.gemv import cpu_gemv, cpu_gemv_available, cpu_gemv_build_error, cpu_gemv_ref
+
+built = pytest.mark.skipif(not cpu_gemv_available(), reason=f"the C++ GEMV did not build here: {cpu_gemv_build_error()}")
+
+
+def _inputs(lead, K, N, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, K, generator=g).to(dtype)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    return x, w, b
+
+
+def _exact(x, w, b):
+    y = x.double() @ w.double().T
+    return y if b is None else y + b.double()
+
+
+@built
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead,K,N", [((1,), 768, 2304), ((3,), 77, 33), ((2, 4), 100, 19), ((9,), 31, 17),
+                                      ((1,), 1, 5), ((8,), 513, 64), ((17,), 40, 3), ((5,), 16, 1)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_fp64(dtype, lead, K, N, bias):
+    x, w, b = _inputs(lead, K, N, dtype, bias)
+    y = cpu_gemv(x, w, b)
+    assert y.shape == (*lead, N) and y.dtype == dtype
+    exact = _exact(x, w, b)
+    # fp32 sums; bf16 output rounding is half an ulp (2^-9 relative) of each value
+    tol = 2 ** -8 * exact.abs() + 1e-3 if dtype == torch.bfloat16 else 1e-5 * exact.abs() + 1e-5
+    assert ((y.double() - exact).abs() <= tol).all()
+    assert (cpu_gemv_ref(x, w, b).double() - exact).abs().max() <= tol.max()
+
+
+@built
+def test_rows_beyond_one_pass_and_empty_inputs():
+    x, w, b = _inputs((20,), 64, 48, torch.float32)  # 8 + 8 + 4 rows: three passes over w
+    assert torch.allclose(cpu_gemv(x, w, b).double(), _exact(x, w, b), atol=1e-5)
+    assert cpu_gemv(torch.randn(0, 64), w, b).shape == (0, 48)
+    assert cpu_gemv(torch.randn(2, 64), torch.randn(0, 64)).shape == (2, 0)
+
+
+@built
+def test_non_contiguous_inputs():
+    x, w, b = _inputs((6,), 96, 40, torch.float32)
+    xt, wt = x.t().contiguous().t(), w.t().contiguous().t()  # same values, transposed storage
+    assert torch.allclose(cpu_gemv(xt, wt, b), cpu_gemv(x, w, b))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: cpu_gemv(torch.randn(2, 8), torch.randn(4, 9)), "weight must have shape"),
+    (lambda: cpu_gemv(torch.randn(2, 8), torch.randn(4, 8, dtype=torch.bfloat16)), "weight must have the same dtype"),
+    (lambda: cpu_gemv(torch.randn(2, 8, dtype=torch.float16), torch.randn(4, 8, dtype=torch.float16)), "x must have dtype"),
+    (lambda: cpu_gemv(torch.randn(2, 8), torch.randn(4, 8), torch.randn(5)), "bias must have shape"),
+    (lambda: cpu_gemv(torch.randn(2, 8), torch.randn(4, 8), torch.randn(4, dtype=torch.bfloat16)), "bias must have the same dtype"),
+    (lambda: cpu_gemv(torch.randn(2, 8), torch.randn(8)), "weight must have 2 dimensions"),
+    (lambda: cpu_gemv(torch.tensor(1.0), torch.randn(4, 8)), "x must have at least 1"),
+    (lambda: cpu_gemv(torch.randn(2, 8, device="meta"), torch.randn(4, 8, device="meta")), "x must be a CPU tensor"),
+])
+def test_bad_arguments_name_the_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@built
+def test_traced_by_torch_compile_as_one_op():
+    x, w, b = _inputs((3,), 64, 40, torch.bfloat16)
+    compiled = torch.compile(lambda x: cpu_gemv(x, w, b) * 2, dynamic=False, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), cpu_gemv(x, w, b) * 2)
+
+
+def _run_fresh(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+@built
+def test_build_is_cached_per_machine(tmp_path):
+    code = ("import torch; from fastlm.kernels import _cpu_ext as e; assert e.load(), e.build_error();"
+            "print(e.build())")
+    first = _run_fresh(code, FASTLM_CACHE_DIR=str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    library = tmp_path / os.path.basename(first.stdout.strip())
+    assert library.exists() and library.name.startswith("cpu_kernels-") and library.suffix == ".so"
+    built_at = library.stat().st_mtime_ns
+    second = _run_fresh(code, FASTLM_CACHE_DIR=str(tmp_path))  # a later process loads it, no rebuild
+    assert second.returncode == 0 and library.stat().st_mtime_ns == built_at
+    assert [p.name for p in tmp_path.iterdir()] == [library.name]  # no temporary file left
+
+
+def test_disabled_or_failed_build_falls_back_to_the_reference(tmp_path):
+    code = ("import torch; from fastlm.kernels import gemv as g;"
+            "x, w = torch.randn(2, 8), torch.randn(4, 8);"
+            "assert not g.cpu_gemv_available();"
+            "assert torch.equal(g.cpu_gemv(x, w), g.cpu_gemv_ref(x, w)); print(g.cpu_gemv_build_error())")
+    disabled = _run_fresh(code, FASTLM_CPU_EXTENSION="0", FASTLM_CACHE_DIR=str(tmp_path))
+    assert disabled.returncode == 0, disabled.stderr
+    assert "disabled by FASTLM_CPU_EXTENSION=0" in disabled.stdout
+    broken = _run_fresh(code, CXX="/nonexistent/c++", FASTLM_CACHE_DIR=str(tmp_path))
+    assert broken.returncode == 0, broken.stderr
+    assert "FileNotFoundError" in broken.stdout and list(tmp_path.iterdir()) == []
+
+
+def test_sources_ship_with_the_package():
+    assert {p.name for p in _cpu_ext.SOURCES} >= {"cpu_gemv.cpp", "cpu_paged_attention.cpp"}
