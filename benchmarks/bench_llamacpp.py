@@ -141,8 +141,12 @@ def bench_config(name, hf_model, folder, dtype_name, args, read_gbs, tmp):
     from benchmarks.gguf_export import write_gguf
     from fastlm import LLM
     from fastlm.runtime.bench import weight_bytes_per_step
+    from fastlm.runtime.cpu_threads import on_passing_thread
 
-    gguf_path = write_gguf(hf_model, os.path.join(tmp, f"{name}-{dtype_name}.gguf"), DTYPES[dtype_name])
+    # setup's torch work on threads that end (on_passing_thread): as in a user's process, the thread that
+    # waits for fastlm's tokens holds no OpenMP pool of its own while the engine thread decodes
+    gguf_path = on_passing_thread(write_gguf, hf_model, os.path.join(tmp, f"{name}-{dtype_name}.gguf"),
+                                  DTYPES[dtype_name])
     llm = LLM(folder, dtype=dtype_name, device="cpu", compile=args.compile)
     torch.manual_seed(0)
     prompt = torch.randint(0, hf_model.config.vocab_size, (args.prompt_len,)).tolist()
@@ -192,12 +196,12 @@ def main(argv=None):
         print(INSTALL_HINT, file=sys.stderr)
         return 2
     from fastlm.runtime.bench import read_bandwidth_gbs
-    from fastlm.runtime.cpu_threads import set_threads
+    from fastlm.runtime.cpu_threads import on_passing_thread, set_threads
 
     args.threads = set_threads(args.threads)
     args.prompt_len, args.new_tokens = (16, 16) if args.quick else (16, 64)
     configs = QUICK if args.quick else FULL
-    read_gbs = read_bandwidth_gbs("cpu")
+    read_gbs = on_passing_thread(read_bandwidth_gbs, "cpu")
     print(f"CPU {cpu_model()}, {args.threads} threads, torch {torch.__version__}; read bandwidth {read_gbs:.1f} GB/s; "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.rounds} alternating rounds", flush=True)
     rows = []
@@ -205,9 +209,9 @@ def main(argv=None):
         for name, (family, kwargs) in configs.items():
             if args.models and name not in args.models:
                 continue
-            folder = save_random_checkpoint(family, kwargs, os.path.join(tmp, name))
+            folder = on_passing_thread(save_random_checkpoint, family, kwargs, os.path.join(tmp, name))
             strip_eos(folder)
-            hf_model = load_hf(family, folder)
+            hf_model = on_passing_thread(load_hf, family, folder)
             for dtype_name in args.dtypes:
                 row = bench_config(name, hf_model, folder, dtype_name, args, read_gbs, tmp)
                 print(json.dumps(row), flush=True)

@@ -10,7 +10,7 @@ PyTorch decode attention spent most of its time in call overhead (the .cpp heade
 
 Build: all sources into one shared library with the system's C++ compiler ($CXX, else c++) against
 torch's headers, -O3 -march=native -fopenmp (the binary is this CPU's), cached as
-cpu_kernels-<hash>.so in fastlm.kernels.cpu_choice.cache_dir(), the hash covering the machine (CPU model,
+fastlm_cpu-<hash>.so in fastlm.kernels.cpu_choice.cache_dir(), the hash covering the machine (CPU model,
 ISA flags, torch version), the sources and the command, so later processes load it without building
 (~10 s on 2 cores). Written to a temporary file and renamed into place: concurrent processes never load
 a half-written library. No compiler, a failed build, or FASTLM_CPU_EXTENSION=0: `load()` is False,
@@ -85,7 +85,7 @@ def build() -> Path:
     """The library for this machine, torch and sources: the cached one, else compiled now."""
     identity = json.dumps({"machine": cpu_choice.machine_description(), "command": _compile_command(Path("out")),
                            "sources": [p.read_text() for p in SOURCES]}, sort_keys=True)
-    target = cpu_choice.cache_dir() / f"cpu_kernels-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.so"
+    target = cpu_choice.cache_dir() / f"fastlm_cpu-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

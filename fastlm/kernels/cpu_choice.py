@@ -6,8 +6,8 @@ callable running the operation on representative inputs) under a key naming what
 on (family, dtype, shape, size class); `choose` times them once, keeps the fastest, and remembers it
 in memory and in a JSON file per machine, so later processes skip the timing.
 
-- Machine: CPU model + ISA flags + torch version (`machine_description`); the file is named by a hash
-  of it, so another CPU or another torch gets its own file. Thread count belongs in the caller's key.
+- Machine: CPU model + ISA flags + torch version + CANDIDATES_VERSION (`machine_description`); the file
+  is named by a hash of it, so another CPU, another torch or other candidates get their own file. Thread count belongs in the caller's key.
 - File: $FASTLM_CACHE_DIR/cpu_kernels-<hash>.json, else ~/.cache/fastlm/ (XDG_CACHE_HOME honoured);
   written atomically (temporary file + os.replace); an unreadable or malformed file is ignored with a
   warning and rewritten on the next choice. A file that cannot be written only costs re-timing.
@@ -54,11 +54,17 @@ def forced_choice(family: str) -> Optional[str]:
     return value if value in FAMILIES.get(family, ()) else None
 
 
+# fastlm's own kernels: bumped when a candidate changes (a new one, or one that runs differently), so that
+# choices timed against the old candidates are not taken (a later step choice compares steps made of them)
+CANDIDATES_VERSION = 2  # 2: fastlm's C++ CPU kernels (GEMV candidate, decode attention)
+
+
 def machine_description() -> dict:
-    """What a timed choice depends on besides its own key: CPU model, ISA flags, torch version."""
+    """What a timed choice depends on besides its own key: CPU model, ISA flags, torch version, and the
+    version of fastlm's candidates."""
     model, flags = _cpuinfo()
     return {"cpu": model or platform.processor() or platform.machine(), "flags": flags,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "candidates": CANDIDATES_VERSION}
 
 
 def _cpuinfo():

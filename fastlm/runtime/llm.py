@@ -42,6 +42,7 @@ from fastlm.model.loading import resolve_dtype
 from fastlm.model.validation import check_int
 from fastlm.model.model_path import resolve_model_path
 from fastlm.runtime.cpu_linear import pack_linears, packing_available
+from fastlm.runtime.cpu_threads import on_passing_thread
 from fastlm.runtime.engine import Engine
 from fastlm.runtime.engine.background import EngineLoop
 from fastlm.runtime.parallel.ranks import DEFAULT_TIMEOUT_S
@@ -120,20 +121,25 @@ class LLM:
             if threads_per_rank is not None:
                 raise ValueError("threads_per_rank applies with tensor_parallel_size > 1 "
                                  "(in one process: torch.set_num_threads)")
-            self.model = self._load(path, dtype, device, quantize)
-        else:
-            self.parallel = self._start_ranks(path, tensor_parallel_size, dtype, device, quantize, threads_per_rank,
-                                              dist_timeout, engine_options)
-            self.model = self.parallel.model
-            # rank 0's pool holds the blocks every rank agreed on; its steps go to the other ranks
-            engine_options = dict(engine_options, kv_cache_memory=self.parallel.kv_cache_memory,
-                                  tensor_parallel=self.parallel.group)
+            # loaded, and the engine built, on a thread that ends: see on_passing_thread (OpenMP pools)
+            on_passing_thread(self._load_and_build, path, dtype, device, quantize, engine_options)
+            return
+        self.parallel = self._start_ranks(path, tensor_parallel_size, dtype, device, quantize, threads_per_rank,
+                                          dist_timeout, engine_options)
+        self.model = self.parallel.model
+        # rank 0's pool holds the blocks every rank agreed on; its steps go to the other ranks
+        engine_options = dict(engine_options, kv_cache_memory=self.parallel.kv_cache_memory,
+                              tensor_parallel=self.parallel.group)
         try:
             self._build_engine(path, engine_options)
         except BaseException:
             if self.parallel is not None:
                 self.parallel.group.close()
             raise
+
+    def _load_and_build(self, path, dtype, device, quantize, engine_options) -> None:
+        self.model = self._load(path, dtype, device, quantize)
+        self._build_engine(path, engine_options)
 
     def _build_engine(self, path: Path, engine_options: dict) -> None:
         from fastlm.model import load_tokenizer

@@ -91,7 +91,7 @@ def test_build_is_cached_per_machine(tmp_path):
     first = _run_fresh(code, FASTLM_CACHE_DIR=str(tmp_path))
     assert first.returncode == 0, first.stderr
     library = tmp_path / os.path.basename(first.stdout.strip())
-    assert library.exists() and library.name.startswith("cpu_kernels-") and library.suffix == ".so"
+    assert library.exists() and library.name.startswith("fastlm_cpu-") and library.suffix == ".so"
     built_at = library.stat().st_mtime_ns
     second = _run_fresh(code, FASTLM_CACHE_DIR=str(tmp_path))  # a later process loads it, no rebuild
     assert second.returncode == 0 and library.stat().st_mtime_ns == built_at

@@ -85,11 +85,13 @@ def test_corrupted_cache_file_is_ignored_and_rebuilt(tmp_path, timings, content)
     assert not list(tmp_path.glob("*.tmp"))  # the atomic write left no temporary file
 
 
-def test_cache_key_changes_with_torch_version_and_cpu_flags(monkeypatch):
+def test_cache_key_changes_with_torch_version_cpu_flags_and_candidates(monkeypatch):
     here = cpu_choice.machine_description()
     assert cpu_choice.machine_key(here) == cpu_choice.machine_key()
     assert cpu_choice.machine_key({**here, "torch": here["torch"] + "-other"}) != cpu_choice.machine_key(here)
     assert cpu_choice.machine_key({**here, "flags": here["flags"] + " amx_tile"}) != cpu_choice.machine_key(here)
+    assert here["candidates"] == cpu_choice.CANDIDATES_VERSION  # choices timed against older candidates: another file
+    assert cpu_choice.machine_key({**here, "candidates": here["candidates"] - 1}) != cpu_choice.machine_key(here)
     monkeypatch.setattr(torch, "__version__", "9.9.9")
     assert cpu_choice.machine_description()["torch"] == "9.9.9"
     assert cpu_choice.machine_key() != cpu_choice.machine_key(here)

@@ -73,3 +73,41 @@ def test_bench_prints_the_kernel_choices(capsys, monkeypatch, force, source):
     assert all(line.split(": ")[1] in (("onednn",) if force == "onednn" else names) for line in lines[1:])
     assert sorted(line.split(": ")[0].strip() for line in lines[1:]) == \
         [f"float32|{shape}|rows=1|t{torch.get_num_threads()}|{'+'.join(names)}" for shape in ("32x64", "64x32")]
+
+
+def test_on_passing_thread_returns_or_raises_on_the_caller():
+    import threading
+
+    from fastlm.runtime.cpu_threads import on_passing_thread
+
+    seen = []
+
+    def work(x, y=1):
+        seen.append(threading.current_thread())
+        return x + y
+    assert on_passing_thread(work, 2, y=3) == 5
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()  # another thread, ended
+
+    def broken():
+        raise KeyError("bad checkpoint")
+    with pytest.raises(KeyError, match="bad checkpoint"):
+        on_passing_thread(broken)
+
+
+def test_llm_loads_on_a_passing_thread(checkpoints, monkeypatch):
+    """The model is loaded and the engine built on a thread that ends (its OpenMP pool goes with it)."""
+    import threading
+
+    import fastlm
+    from fastlm.runtime.llm import LLM
+
+    threads = []
+    real = LLM._load
+
+    def spy(*args):
+        threads.append(threading.current_thread())
+        return real(*args)
+    monkeypatch.setattr(LLM, "_load", staticmethod(spy))
+    llm = fastlm.LLM(str(checkpoints["gpt2"][0]), device="cpu", dtype="float32")
+    assert threads[0].name == "fastlm-load" and not threads[0].is_alive()
+    assert llm.generate_tokens([[1, 2, 3]], max_new_tokens=2, temperature=0)[0]
