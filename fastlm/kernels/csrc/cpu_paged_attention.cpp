@@ -3,8 +3,11 @@
 // Why in C++: the PyTorch path (fastlm/kernels/paged_attention.py, _decode_rows_cpu) issues ~10 small aten
 // calls per row and layer (gather or view, casts, torch's flash kernel); on the development AMD EPYC a
 // batch-1 GPT-2 step spent ~1.5 ms of ~8.5 in them, mostly call and thread start-up overhead. Here one
-// parallel loop over (row, KV head) reads each used K/V token once for the G query heads that share it:
-// scores for all tokens, softmax, then the V-weighted sum (exact softmax, no online rescaling needed).
+// parallel loop over tasks of (row, group of KV heads) reads the row's tokens in order (a token's heads are
+// adjacent in the pool), each K/V head once for the G query heads that share it: scores for all tokens,
+// an exact softmax, then the V-weighted sums. Measured against that path (2 threads, bf16 pool, 12/4
+// heads of 64): 1 row 0.044 vs 0.089 ms, 8 rows 0.24 vs 0.58 ms, 64 rows of 100-700 tokens 4.0 vs 5.4 ms,
+// 64 rows sharing 256 tokens 1.7 vs 3.2 ms (the PyTorch path's cascade).
 // Used for Sq == 1 on CPU where it builds (fastlm/kernels/_cpu_ext.py); the public function validates.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -16,47 +19,92 @@
 
 namespace {
 
-template <typename T>
-inline float dot(const float* q, const T* k, int64_t D) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t d = 0; d < D; ++d) s += q[d] * static_cast<float>(k[d]);
-  return s;
-}
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define FASTLM_AVX512 1
+#include <immintrin.h>
 
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const at::BFloat16* p, __mmask16 m) {  // bf16 -> fp32: the bits shifted up
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+#endif
+
+#ifdef FASTLM_AVX512
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
+#endif
+
+// One row, KV heads [h0, h1): the G query heads of each (q rows h*G .. h*G+G-1, each (D,)) attend over the
+// row's first `length` tokens, read block by block through its table, token after token (a token's heads
+// are adjacent in the pool: one sequential pass); out like q. Scores of every token first, then an exact
+// softmax, then the V-weighted sums.
 template <typename T>
-void attend_group(const T* q, const T* k_cache, const T* v_cache, const int32_t* table, int64_t length,
-                  int64_t block_size, int64_t Hkv, int64_t h, int64_t G, int64_t D, float scale, T* out) {
-  std::vector<float> qf(G * D), scores(G * length), acc(G * D, 0.f), v_row(D);
-  for (int64_t i = 0; i < G * D; ++i) qf[i] = static_cast<float>(q[i]);
-  auto token = [&](const T* cache, int64_t t) {
-    return cache + ((static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) * Hkv + h) * D;
+void attend_heads(const T* q, const T* k_cache, const T* v_cache, const int32_t* table, int64_t length,
+                  int64_t block_size, int64_t Hkv, int64_t h0, int64_t h1, int64_t G, int64_t D, float scale, T* out) {
+  const int64_t rows = (h1 - h0) * G;  // query heads handled here, row r = (h - h0) * G + g
+  std::vector<float> qf(rows * D), scores(rows * length), acc(rows * D, 0.f), tmp(D);
+  for (int64_t i = 0; i < rows * D; ++i) qf[i] = static_cast<float>(q[h0 * G * D + i]) * scale;
+  const int64_t token_stride = Hkv * D, blocks = (length + block_size - 1) / block_size;
+  auto token_base = [&](const T* cache, int64_t i) {  // block i's first token, head h0
+    return cache + (static_cast<int64_t>(table[i]) * block_size * Hkv + h0) * D;
   };
-  for (int64_t t = 0; t < length; ++t) {
-    const T* k = token(k_cache, t);
-    for (int64_t g = 0; g < G; ++g) scores[g * length + t] = dot(qf.data() + g * D, k, D) * scale;
+  for (int64_t i = 0, t = 0; i < blocks; ++i) {  // scores
+    const T* k = token_base(k_cache, i);
+    for (int64_t j = 0; j < block_size && t < length; ++j, ++t, k += token_stride) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* kh = k + (r / G) * D;
+        const float* qr = qf.data() + r * D;
+#ifdef FASTLM_AVX512
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+          const __mmask16 m = tail_mask(D - d);
+          sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qr + d), load16(kh + d, m), sum);
+        }
+        scores[r * length + t] = _mm512_reduce_add_ps(sum);
+#else
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t d = 0; d < D; ++d) sum += qr[d] * static_cast<float>(kh[d]);
+        scores[r * length + t] = sum;
+#endif
+      }
+    }
   }
-  std::vector<float> total(G);
-  for (int64_t g = 0; g < G; ++g) {
-    float* s = scores.data() + g * length;
+  std::vector<float> total(rows);
+  for (int64_t r = 0; r < rows; ++r) {  // softmax numerators (unnormalized) and their sums
+    float* s = scores.data() + r * length;
     float top = -std::numeric_limits<float>::infinity();
     for (int64_t t = 0; t < length; ++t) top = std::max(top, s[t]);
     float sum = 0.f;
-    for (int64_t t = 0; t < length; ++t) sum += (s[t] = std::exp(s[t] - top));
-    total[g] = sum;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < length; ++t) {  // vectorized exp (libmvec) with -fno-math-errno
+      s[t] = std::exp(s[t] - top);
+      sum += s[t];
+    }
+    total[r] = sum;
   }
-  for (int64_t t = 0; t < length; ++t) {
-    const T* v = token(v_cache, t);
-    for (int64_t d = 0; d < D; ++d) v_row[d] = static_cast<float>(v[d]);
-    for (int64_t g = 0; g < G; ++g) {
-      const float p = scores[g * length + t];
-      float* a = acc.data() + g * D;
+  for (int64_t i = 0, t = 0; i < blocks; ++i) {  // V-weighted sums
+    const T* v = token_base(v_cache, i);
+    for (int64_t j = 0; j < block_size && t < length; ++j, ++t, v += token_stride) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* vh = v + (r / G) * D;
+        const float p = scores[r * length + t];
+        float* a = acc.data() + r * D;
+#ifdef FASTLM_AVX512
+        const __m512 pv = _mm512_set1_ps(p);
+        for (int64_t d = 0; d < D; d += 16) {
+          const __mmask16 m = tail_mask(D - d);
+          _mm512_mask_storeu_ps(a + d, m, _mm512_fmadd_ps(pv, load16(vh + d, m), _mm512_maskz_loadu_ps(m, a + d)));
+        }
+#else
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) a[d] += p * v_row[d];
+        for (int64_t d = 0; d < D; ++d) a[d] += p * static_cast<float>(vh[d]);
+#endif
+      }
     }
   }
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(total[g] > 0.f ? acc[g * D + d] / total[g] : 0.f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = 0; d < D; ++d)
+      out[h0 * G * D + r * D + d] = static_cast<T>(total[r] > 0.f ? acc[r * D + d] / total[r] : 0.f);
 }
 
 template <typename T>
@@ -67,11 +115,17 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const T *qp = q.data_ptr<T>(), *kp = k_cache.data_ptr<T>(), *vp = v_cache.data_ptr<T>();
   const int32_t *tp = tables.data_ptr<int32_t>(), *lp = lengths.data_ptr<int32_t>();
   T* op = out.data_ptr<T>();
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  // Tasks: each row's KV heads in `splits` contiguous groups, enough tasks for every thread (a batch-1
+  // step splits its heads; many rows keep a row's heads together: one sequential pass over its tokens).
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = std::min<int64_t>(Hkv, std::max<int64_t>(1, (2 * threads + B - 1) / B));
+  const int64_t per_split = (Hkv + splits - 1) / splits;
+  at::parallel_for(0, B * splits, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hkv, h = task % Hkv;
-      attend_group<T>(qp + (b * Hq + h * G) * D, kp, vp, tp + b * width, lp[b], block_size, Hkv, h, G, D,
-                      static_cast<float>(scale), op + (b * Hq + h * G) * D);
+      const int64_t b = task / splits, h0 = (task % splits) * per_split, h1 = std::min(Hkv, h0 + per_split);
+      if (h0 >= h1) continue;
+      attend_heads<T>(qp + b * Hq * D, kp, vp, tp + b * width, lp[b], block_size, Hkv, h0, h1, G, D,
+                      static_cast<float>(scale), op + b * Hq * D);
     }
   });
 }
