@@ -75,7 +75,7 @@ def _compile_command(output: Path):
     from torch.utils import cpp_extension
 
     libraries = cpp_extension.library_paths()
-    return [os.environ.get("CXX", "c++"), "-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17",
+    return [os.environ.get("CXX", "c++"), "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
             *[f"-I{p}" for p in cpp_extension.include_paths()], *map(str, SOURCES), "-o", str(output),
             *[f"-L{p}" for p in libraries], *[f"-Wl,-rpath,{p}" for p in libraries], "-lc10", "-ltorch_cpu", "-ltorch"]

@@ -4,10 +4,10 @@
 // calls per row and layer (gather or view, casts, torch's flash kernel); on the development AMD EPYC a
 // batch-1 GPT-2 step spent ~1.5 ms of ~8.5 in them, mostly call and thread start-up overhead. Here one
 // parallel loop over tasks of (row, group of KV heads) reads the row's tokens in order (a token's heads are
-// adjacent in the pool), each K/V head once for the G query heads that share it: scores for all tokens,
-// an exact softmax, then the V-weighted sums. Measured against that path (2 threads, bf16 pool, 12/4
-// heads of 64): 1 row 0.044 vs 0.089 ms, 8 rows 0.24 vs 0.58 ms, 64 rows of 100-700 tokens 4.0 vs 5.4 ms,
-// 64 rows sharing 256 tokens 1.7 vs 3.2 ms (the PyTorch path's cascade).
+// adjacent in the pool; widened to fp32 once per token), each K/V head once for the G query heads that
+// share it: scores for all tokens, an exact softmax (a vectorized exp), then the V-weighted sums. Measured
+// against that path (2 threads, bf16 pool, 12/4 heads of 64): 1 row 0.04 vs 0.08 ms, 8 rows 0.18 vs 0.57 ms,
+// 64 rows of 100-700 tokens 1.5 vs 5.1 ms, 64 rows sharing 256 tokens 1.25 vs 3.5 ms (the PyTorch cascade).
 // Used for Sq == 1 on CPU where it builds (fastlm/kernels/_cpu_ext.py); the public function validates.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -31,7 +31,48 @@ inline __m512 load16(const at::BFloat16* p, __mmask16 m) {  // bf16 -> fp32: the
 
 #ifdef FASTLM_AVX512
 inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
+
+// exp(x) for x <= 0 (softmax numerators), 16 at a time: x = n ln2 + r, |r| <= ln2/2, Cephes' expf
+// polynomial for e^r (relative error ~1e-7), times 2^n by scalef. glibc's expf is not vectorized here
+// (a call per score: ~20% of a 48-row decode attention).
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));  // below: e^x < 2^-125, rounds to ~0 anyway
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
 #endif
+
+// s[0..n) <- exp(s - max(s)); returns their sum.
+inline float softmax_numerators(float* s, int64_t n) {
+#ifdef FASTLM_AVX512
+  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t t = 0; t < n; t += 16) top = _mm512_mask_max_ps(top, tail_mask(n - t), top, _mm512_maskz_loadu_ps(tail_mask(n - t), s + t));
+  const __m512 top_all = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 m = tail_mask(n - t);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), top_all));
+    _mm512_mask_storeu_ps(s + t, m, e);
+    sum = _mm512_mask_add_ps(sum, m, sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+#else
+  float top = -std::numeric_limits<float>::infinity(), sum = 0.f;
+  for (int64_t t = 0; t < n; ++t) top = std::max(top, s[t]);
+  for (int64_t t = 0; t < n; ++t) sum += (s[t] = std::exp(s[t] - top));
+  return sum;
+#endif
+}
 
 // One row, KV heads [h0, h1): the G query heads of each (q rows h*G .. h*G+G-1, each (D,)) attend over the
 // row's first `length` tokens, read block by block through its table, token after token (a token's heads
@@ -41,63 +82,62 @@ template <typename T>
 void attend_heads(const T* q, const T* k_cache, const T* v_cache, const int32_t* table, int64_t length,
                   int64_t block_size, int64_t Hkv, int64_t h0, int64_t h1, int64_t G, int64_t D, float scale, T* out) {
   const int64_t rows = (h1 - h0) * G;  // query heads handled here, row r = (h - h0) * G + g
-  std::vector<float> qf(rows * D), scores(rows * length), acc(rows * D, 0.f), tmp(D);
+  std::vector<float> qf(rows * D), scores(rows * length), acc(rows * D, 0.f), tmp((h1 - h0) * D);
   for (int64_t i = 0; i < rows * D; ++i) qf[i] = static_cast<float>(q[h0 * G * D + i]) * scale;
   const int64_t token_stride = Hkv * D, blocks = (length + block_size - 1) / block_size;
   auto token_base = [&](const T* cache, int64_t i) {  // block i's first token, head h0
     return cache + (static_cast<int64_t>(table[i]) * block_size * Hkv + h0) * D;
   };
+  const int64_t width = (h1 - h0) * D;  // a token's K (or V) values of the heads handled here
+  auto widen = [&](const T* src, float* dst) {  // to fp32 once per token, not once per query head
+#ifdef FASTLM_AVX512
+    for (int64_t d = 0; d < width; d += 16) _mm512_mask_storeu_ps(dst + d, tail_mask(width - d), load16(src + d, tail_mask(width - d)));
+#else
+    for (int64_t d = 0; d < width; ++d) dst[d] = static_cast<float>(src[d]);
+#endif
+  };
   for (int64_t i = 0, t = 0; i < blocks; ++i) {  // scores
     const T* k = token_base(k_cache, i);
     for (int64_t j = 0; j < block_size && t < length; ++j, ++t, k += token_stride) {
+      widen(k, tmp.data());
       for (int64_t r = 0; r < rows; ++r) {
-        const T* kh = k + (r / G) * D;
+        const float* kh = tmp.data() + (r / G) * D;
         const float* qr = qf.data() + r * D;
 #ifdef FASTLM_AVX512
         __m512 sum = _mm512_setzero_ps();
         for (int64_t d = 0; d < D; d += 16) {
           const __mmask16 m = tail_mask(D - d);
-          sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qr + d), load16(kh + d, m), sum);
+          sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qr + d), _mm512_maskz_loadu_ps(m, kh + d), sum);
         }
         scores[r * length + t] = _mm512_reduce_add_ps(sum);
 #else
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t d = 0; d < D; ++d) sum += qr[d] * static_cast<float>(kh[d]);
+        for (int64_t d = 0; d < D; ++d) sum += qr[d] * kh[d];
         scores[r * length + t] = sum;
 #endif
       }
     }
   }
   std::vector<float> total(rows);
-  for (int64_t r = 0; r < rows; ++r) {  // softmax numerators (unnormalized) and their sums
-    float* s = scores.data() + r * length;
-    float top = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < length; ++t) top = std::max(top, s[t]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < length; ++t) {  // vectorized exp (libmvec) with -fno-math-errno
-      s[t] = std::exp(s[t] - top);
-      sum += s[t];
-    }
-    total[r] = sum;
-  }
+  for (int64_t r = 0; r < rows; ++r) total[r] = softmax_numerators(scores.data() + r * length, length);
   for (int64_t i = 0, t = 0; i < blocks; ++i) {  // V-weighted sums
     const T* v = token_base(v_cache, i);
     for (int64_t j = 0; j < block_size && t < length; ++j, ++t, v += token_stride) {
+      widen(v, tmp.data());
       for (int64_t r = 0; r < rows; ++r) {
-        const T* vh = v + (r / G) * D;
+        const float* vh = tmp.data() + (r / G) * D;
         const float p = scores[r * length + t];
         float* a = acc.data() + r * D;
 #ifdef FASTLM_AVX512
         const __m512 pv = _mm512_set1_ps(p);
         for (int64_t d = 0; d < D; d += 16) {
           const __mmask16 m = tail_mask(D - d);
-          _mm512_mask_storeu_ps(a + d, m, _mm512_fmadd_ps(pv, load16(vh + d, m), _mm512_maskz_loadu_ps(m, a + d)));
+          _mm512_mask_storeu_ps(a + d, m, _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(m, vh + d), _mm512_maskz_loadu_ps(m, a + d)));
         }
 #else
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) a[d] += p * static_cast<float>(vh[d]);
+        for (int64_t d = 0; d < D; ++d) a[d] += p * vh[d];
 #endif
       }
     }
