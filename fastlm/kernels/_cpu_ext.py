@@ -4,6 +4,8 @@ The ops (namespace fastlm_cpu), each called by a public function that validates 
   - gemv(x (M, K), w (N, K), bias?) -> (M, N)           fastlm.kernels.gemv
   - paged_decode(q (B, Hq, D), k_cache, v_cache, block_tables, seqlens, scale) -> (B, Hq, D)
                                                           fastlm.kernels.paged_attention (CPU, one query per row)
+  - int8_gemv(x, q, scale, bias?), int4_gemv(x, q, scale, zero, bias?) -> (M, N)
+                                                          fastlm.kernels.quant's CPU paths (_quant_cpu.py)
 Why C++ at all: a CPU decode step is bound by reading the weights plus a fixed cost per call; on the
 development AMD EPYC neither aten nor oneDNN read bf16 weights at the memory's bandwidth, and the
 PyTorch decode attention spent most of its time in call overhead (the .cpp headers give the figures).
@@ -69,6 +71,14 @@ def _register_fakes():
     @torch.library.register_fake("fastlm_cpu::paged_decode")
     def _(q, k_cache, v_cache, block_tables, seqlens, scale):
         return q.new_empty(q.shape)
+
+    @torch.library.register_fake("fastlm_cpu::int8_gemv")
+    def _(x, q, scale, bias):
+        return x.new_empty((x.shape[0], q.shape[0]))
+
+    @torch.library.register_fake("fastlm_cpu::int4_gemv")
+    def _(x, q, scale, zero, bias):
+        return x.new_empty((x.shape[0], q.shape[0]))
 
 
 def _compile_command(output: Path):

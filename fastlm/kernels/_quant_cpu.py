@@ -6,6 +6,9 @@ Candidates per call, x (M, K) 2-D:
     _convert_weight_to_int4pack_for_cpu (cached per weight tensor, see _int4_packed). They exist in recent
     PyTorch only (probed at run time); the int4 one wants N % 16 == 0, so other N (a 50257-token LM head)
     get zero rows in the repacked copy and their outputs are sliced off.
+  - "gemv" (decode sizes, fp32/bf16 x): fastlm's C++ GEMVs (csrc/cpu_quant_gemv.cpp, where they build)
+    reading the formats as stored: no repacked copy (a timed int4 "packed" copy is dropped when another
+    candidate wins, so the weights take the format's memory).
   - "dequant": the weight dequantized to x's dtype, then F.linear; for int8 in bf16 instead
     F.linear with the integers converted to x's dtype (exact) and the per-channel scale applied to its
     output in fp32: a plain conversion is ~5x faster than torch's mixed int8 x fp32 multiply, and the
@@ -17,14 +20,14 @@ avx512_bf16, 1 thread, a 2304 x 768 weight) the packed kernels took 43-46 us for
 fastlm.kernels.cpu_choice (families "int8_linear" / "int4_linear", key: dtype, decode or prefill size,
 weight shape, threads): the first call for a (format, dtype, size class, shape) on a machine times the candidates on its own
 inputs, the choice is cached on disk for later processes and kept in memory for this one (`choices()`
-shows them); FASTLM_CPU_KERNELS=packed|dequant forces one.
+shows them); FASTLM_CPU_KERNELS=packed|dequant|gemv forces one.
 """
 import weakref
 
 import torch
 import torch.nn.functional as F
 
-from fastlm.kernels import cpu_choice
+from fastlm.kernels import _cpu_ext, cpu_choice
 
 DECODE_MAX_ROWS = 16
 INT4_PACK_ROWS = 16  # _convert_weight_to_int4pack_for_cpu wants N % 16 == 0: other N are padded with zero rows
@@ -60,6 +63,8 @@ def int8_linear_cpu(x, weight, scale, bias, dequantize):
         candidates = {"dequant": lambda: _scaled_after(F.linear(x, weight.to(x.dtype)), scale, bias)}
     if int8_packed_available() and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
         candidates["packed"] = lambda: int8_packed(x, weight, scale, bias)
+    if _gemv_offered(x):
+        candidates["gemv"] = lambda: torch.ops.fastlm_cpu.int8_gemv(x, weight, scale.float(), _cast(bias, x))
     return _fastest("int8", x, weight.shape, candidates)()
 
 
@@ -79,7 +84,17 @@ def int4_linear_cpu(x, weight, scale, zero, bias, dequantize):
     candidates = {"dequant": lambda: F.linear(x, dequantize(weight, scale, zero, x.shape[1], x.dtype), _cast(bias, x))}
     if int4_packed_available() and x.dtype in (torch.float32, torch.bfloat16):
         candidates["packed"] = lambda: int4_packed(x, weight, scale, zero, bias)
-    return _fastest("int4", x, (weight.shape[0], x.shape[1]), candidates)()
+    if _gemv_offered(x):
+        candidates["gemv"] = lambda: torch.ops.fastlm_cpu.int4_gemv(x, weight, scale.float(), zero.float(), _cast(bias, x))
+    choice = _fastest("int4", x, (weight.shape[0], x.shape[1]), candidates)
+    if choice is not candidates.get("packed"):  # timing may have repacked this weight: drop that copy
+        _int4_cache.pop(id(weight), None)
+    return choice()
+
+
+def _gemv_offered(x) -> bool:
+    """fastlm's C++ GEMVs (csrc/cpu_quant_gemv.cpp) read the formats as stored: decode sizes, fp32/bf16 x."""
+    return x.shape[0] <= DECODE_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16) and _cpu_ext.load()
 
 
 def int4_packed(x, weight, scale, zero, bias):
@@ -124,7 +139,8 @@ def _fastest(fmt, x, weight_shape, candidates):
     size = "decode" if x.shape[0] <= DECODE_MAX_ROWS else "prefill"
     shape = "x".join(map(str, weight_shape))
     memo = (fmt, x.dtype, size, shape)
-    if memo not in _choices:
-        key = f"{str(x.dtype).removeprefix('torch.')}|{size}|{shape}|threads={torch.get_num_threads()}"
+    if memo not in _choices:  # the key names the candidates: a choice made without one is not reused with it
+        key = (f"{str(x.dtype).removeprefix('torch.')}|{size}|{shape}|threads={torch.get_num_threads()}"
+               f"|{'+'.join(sorted(candidates))}")
         _choices[memo] = cpu_choice.choose(f"{fmt}_linear", key, candidates)
     return candidates.get(_choices[memo], candidates["dequant"])

@@ -37,7 +37,8 @@ ENV_FORCE = "FASTLM_CPU_KERNELS"
 ENV_CACHE_DIR = "FASTLM_CACHE_DIR"
 ROUNDS = 5
 # family -> its candidate names (fastlm/runtime/cpu_linear.py, fastlm/kernels/_quant_cpu.py)
-FAMILIES = {"linear": ("aten", "onednn", "gemv"), "int8_linear": ("packed", "dequant"), "int4_linear": ("packed", "dequant"),
+FAMILIES = {"linear": ("aten", "onednn", "gemv"), "int8_linear": ("packed", "dequant", "gemv"),
+            "int4_linear": ("packed", "dequant", "gemv"),
             "decode_step": ("eager", "compiled")}  # fastlm/runtime/compiled_step.py
 _FORMAT = 1  # version of the file's layout; another version is ignored like a malformed file
 

@@ -111,5 +111,100 @@ def test_disabled_or_failed_build_falls_back_to_the_reference(tmp_path):
     assert "FileNotFoundError" in broken.stdout and list(tmp_path.iterdir()) == []
 
 
+def test_the_library_builds_where_a_compiler_is():
+    """Every C++ test above skips where the library does not build; where a compiler is present it must."""
+    import shutil
+
+    if shutil.which(os.environ.get("CXX", "c++")) is None or os.environ.get(_cpu_ext.ENV_DISABLE) == "0":
+        pytest.skip("no C++ compiler here (or disabled): the PyTorch paths run")
+    assert _cpu_ext.load(), _cpu_ext.build_error()
+
+
 def test_sources_ship_with_the_package():
-    assert {p.name for p in _cpu_ext.SOURCES} >= {"cpu_gemv.cpp", "cpu_paged_attention.cpp"}
+    assert {p.name for p in _cpu_ext.SOURCES} >= {"cpu_gemv.cpp", "cpu_paged_attention.cpp", "cpu_quant_gemv.cpp"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The weight-only int8 / int4 GEMVs (csrc/cpu_quant_gemv.cpp), reading fastlm's formats as stored
+
+from fastlm.kernels.quant import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8  # noqa: E402
+
+
+def _quant_exact(x, w_dequantized, bias):
+    y = x.double() @ w_dequantized.double().T
+    return y if bias is None else y + bias.double()
+
+
+def _close(y, exact, dtype):
+    tol = 2 ** -8 * exact.abs() + 2e-3 if dtype == torch.bfloat16 else 2e-5 * exact.abs() + 2e-5
+    assert ((y.double() - exact).abs() <= tol).all(), (y.double() - exact).abs().max()
+
+
+@built
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,K,N", [(1, 768, 2304), (3, 77, 33), (8, 100, 19), (11, 31, 17), (1, 1, 5)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_gemv_matches_fp64(dtype, M, K, N, bias):
+    x, w, b = _inputs((M,), K, N, dtype, bias)
+    q, scale = quantize_int8(w.float())
+    y = torch.ops.fastlm_cpu.int8_gemv(x, q, scale, b)
+    assert y.shape == (M, N) and y.dtype == dtype
+    _close(y, _quant_exact(x, dequantize_int8(q, scale), b), dtype)
+
+
+@built
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,K,N,G", [(1, 768, 2304, 128), (3, 77, 33, 32), (8, 100, 19, 64), (9, 256, 17, 128),
+                                       (2, 33, 5, 32)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_int4_gemv_matches_fp64(dtype, M, K, N, G, bias):
+    x, w, b = _inputs((M,), K, N, dtype, bias)
+    q, scale, zero = quantize_int4(w.float(), group_size=G)
+    y = torch.ops.fastlm_cpu.int4_gemv(x, q, scale, zero, b)
+    assert y.shape == (M, N) and y.dtype == dtype
+    _close(y, _quant_exact(x, dequantize_int4(q, scale, zero, K), b), dtype)
+
+
+@pytest.fixture
+def plain_cpu(monkeypatch):
+    """The CPU path users get: no interpreter, no forced reference."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("FASTLM_KERNELS", raising=False)
+
+
+@built
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_linears_take_the_gemv_where_forced(bits, plain_cpu, monkeypatch, tmp_path):
+    from fastlm.kernels import cpu_choice, int4_linear, int8_linear
+
+    monkeypatch.setenv(cpu_choice.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.setenv(cpu_choice.ENV_FORCE, "gemv")
+    x, w, b = _inputs((2, 3), 96, 40, torch.bfloat16)
+    if bits == 8:
+        q = quantize_int8(w.float())
+        run, exact = (lambda: int8_linear(x, *q, bias=b)), _quant_exact(x.view(6, 96), dequantize_int8(*q), b)
+    else:
+        q = quantize_int4(w.float(), group_size=32)
+        run, exact = (lambda: int4_linear(x, *q, bias=b)), _quant_exact(x.view(6, 96), dequantize_int4(*q, 96), b)
+    with torch.profiler.profile() as prof:
+        y = run()
+    assert f"fastlm_cpu::int{bits}_gemv" in {event.key for event in prof.key_averages()}
+    _close(y.view(6, 40), exact, torch.bfloat16)
+
+
+@built
+def test_timed_int4_choice_other_than_packed_keeps_no_repacked_copy(plain_cpu, monkeypatch, tmp_path):
+    from fastlm.kernels import _quant_cpu, cpu_choice, int4_linear
+
+    if not _quant_cpu.int4_packed_available():
+        pytest.skip("no PyTorch int4 packed CPU kernel here")
+    monkeypatch.setenv(cpu_choice.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.delenv(cpu_choice.ENV_FORCE, raising=False)
+    monkeypatch.setattr(cpu_choice, "time_candidates",
+                        lambda candidates, rounds=5: {n: (c(), 1.0 if n == "gemv" else 2.0)[1] for n, c in candidates.items()})
+    monkeypatch.setattr(_quant_cpu, "_choices", {})
+    x, w, _ = _inputs((1,), 64, 48, torch.bfloat16, bias=False)
+    q = quantize_int4(w.float(), group_size=32)
+    int4_linear(x, *q)  # timed: the packed candidate ran (and repacked the weight), gemv won
+    assert id(q[0]) not in _quant_cpu._int4_cache
+    assert ("int4", torch.bfloat16, "decode", "48x64") in _quant_cpu.choices()
