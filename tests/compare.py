@@ -14,3 +14,10 @@ def assert_close_by_rule(actual, reference64, torch_same_dtype, *, atol=1e-5, fa
     err = max_abs_err(actual, reference64)
     base = max_abs_err(torch_same_dtype, reference64)
     assert err <= factor * base + atol, f"{name}: error {err:.3e} > {factor} x torch error {base:.3e} + {atol:.1e}"
+
+
+def ops_run(fn):
+    """(fn(), the names of the torch ops it ran), by torch.profiler."""
+    with torch.profiler.profile() as prof:
+        out = fn()
+    return out, {event.key for event in prof.key_averages()}

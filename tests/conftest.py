@@ -51,3 +51,18 @@ def reference_kernels(monkeypatch):
     elsewhere and the interpreter is slow. On a GPU the compiled kernels are fast and keep running."""
     if not ON_CUDA:
         monkeypatch.setenv(KERNELS_ENV, "reference")
+
+
+@pytest.fixture
+def cpp_kernels(monkeypatch):
+    """The CPU path users get (no interpreter, no forced references), with fastlm's C++ CPU kernels;
+    skips where they did not build (tests/kernels/test_cpu_gemv.py fails if a compiler is present)."""
+    from fastlm.kernels import _cpu_ext
+
+    if ON_CUDA:
+        pytest.skip("fastlm's C++ kernels are the CPU path")
+    if not _cpu_ext.load():
+        pytest.skip(f"fastlm's C++ CPU kernels did not build here: {_cpu_ext.build_error()}")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv(KERNELS_ENV, raising=False)
+

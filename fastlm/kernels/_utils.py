@@ -7,7 +7,9 @@ Dispatch: `use_triton(x)` is the one rule, read at every call (never decided or 
     for debugging "kernel or model?", and for tests that exercise the model rather than the kernels);
   - CUDA tensor -> the Triton kernel;
   - CPU tensor -> the PyTorch reference, unless TRITON_INTERPRET=1: then the Triton kernel runs under
-    Triton's interpreter (how the test suite checks the real kernels without a GPU).
+    Triton's interpreter (how the test suite checks the real kernels without a GPU). Where neither the
+    interpreter nor FASTLM_KERNELS=reference is on (native_cpu), a family may use fastlm's C++ CPU
+    kernel instead of its reference (paged decode attention).
 """
 import contextlib
 import dataclasses
@@ -39,6 +41,12 @@ def use_triton(x: torch.Tensor) -> bool:
     if x.device.type == "cuda" or (x.device.type == "cpu" and interpreter_enabled()):
         return not reference_forced()
     return False
+
+
+def native_cpu(x: torch.Tensor) -> bool:
+    """True for a CPU tensor that neither the interpreter (testing the Triton kernel) nor
+    FASTLM_KERNELS=reference (the PyTorch reference) claims: where fastlm's C++ CPU kernels may run."""
+    return x.device.type == "cpu" and not interpreter_enabled() and not reference_forced()
 
 
 def eager_reference(x: torch.Tensor) -> bool:

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.library import custom_op
 
 from fastlm.kernels import _cpu_ext, _paged
-from fastlm.kernels._utils import check_tensor, interpreter_enabled, reference_forced, use_triton
+from fastlm.kernels._utils import check_tensor, native_cpu, use_triton
 from fastlm.kernels.attention import MAX_DECODE_QUERIES, MAX_HEAD_DIM, _resolve_scale
 
 
@@ -436,8 +436,8 @@ def _cpu_kernel_decodes(q, k_cache) -> bool:
     """True where fastlm's C++ CPU decode kernel (csrc/cpu_paged_attention.cpp) runs: one query per row of
     fp32/bf16 on a CPU, the library built here, and neither Triton's interpreter (which tests the Triton
     kernel) nor FASTLM_KERNELS=reference (the PyTorch reference) asked for."""
-    return (q.device.type == "cpu" and q.shape[1] == 1 and q.dtype in (torch.float32, torch.bfloat16)
-            and k_cache.is_contiguous() and not interpreter_enabled() and not reference_forced() and _cpu_ext.load())
+    return (native_cpu(q) and q.shape[1] == 1 and q.dtype in (torch.float32, torch.bfloat16)
+            and k_cache.is_contiguous() and _cpu_ext.load())
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seqlens, softmax_scale=None, check_values=True):

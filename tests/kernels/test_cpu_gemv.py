@@ -9,6 +9,7 @@ import torch
 
 from fastlm.kernels import _cpu_ext
 from fastlm.kernels.gemv import cpu_gemv, cpu_gemv_available, cpu_gemv_build_error, cpu_gemv_ref
+from tests.compare import ops_run
 
 built = pytest.mark.skipif(not cpu_gemv_available(), reason=f"the C++ GEMV did not build here: {cpu_gemv_build_error()}")
 
@@ -136,6 +137,7 @@ def _quant_exact(x, w_dequantized, bias):
 
 
 def _close(y, exact, dtype):
+    # fp32 sums against fp64 over the dequantized weights; bf16 adds the output's rounding (2^-9 relative)
     tol = 2 ** -8 * exact.abs() + 2e-3 if dtype == torch.bfloat16 else 2e-5 * exact.abs() + 2e-5
     assert ((y.double() - exact).abs() <= tol).all(), (y.double() - exact).abs().max()
 
@@ -165,16 +167,9 @@ def test_int4_gemv_matches_fp64(dtype, M, K, N, G, bias):
     _close(y, _quant_exact(x, dequantize_int4(q, scale, zero, K), b), dtype)
 
 
-@pytest.fixture
-def plain_cpu(monkeypatch):
-    """The CPU path users get: no interpreter, no forced reference."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.delenv("FASTLM_KERNELS", raising=False)
-
-
 @built
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_linears_take_the_gemv_where_forced(bits, plain_cpu, monkeypatch, tmp_path):
+def test_quantized_linears_take_the_gemv_where_forced(bits, cpp_kernels, monkeypatch, tmp_path):
     from fastlm.kernels import cpu_choice, int4_linear, int8_linear
 
     monkeypatch.setenv(cpu_choice.ENV_CACHE_DIR, str(tmp_path))
@@ -186,14 +181,13 @@ def test_quantized_linears_take_the_gemv_where_forced(bits, plain_cpu, monkeypat
     else:
         q = quantize_int4(w.float(), group_size=32)
         run, exact = (lambda: int4_linear(x, *q, bias=b)), _quant_exact(x.view(6, 96), dequantize_int4(*q, 96), b)
-    with torch.profiler.profile() as prof:
-        y = run()
-    assert f"fastlm_cpu::int{bits}_gemv" in {event.key for event in prof.key_averages()}
+    y, ran = ops_run(run)
+    assert f"fastlm_cpu::int{bits}_gemv" in ran
     _close(y.view(6, 40), exact, torch.bfloat16)
 
 
 @built
-def test_timed_int4_choice_other_than_packed_keeps_no_repacked_copy(plain_cpu, monkeypatch, tmp_path):
+def test_timed_int4_choice_other_than_packed_keeps_no_repacked_copy(cpp_kernels, monkeypatch, tmp_path):
     from fastlm.kernels import _quant_cpu, cpu_choice, int4_linear
 
     if not _quant_cpu.int4_packed_available():

@@ -8,7 +8,7 @@ import torch
 from fastlm.kernels import paged_decode_attention, paged_prefill_attention
 from fastlm.kernels._paged import paged_decode_config
 from fastlm.kernels._decode import decode_splits
-from tests.compare import assert_close_by_rule
+from tests.compare import assert_close_by_rule, ops_run
 from tests.kernels.test_attention import ATOL, ON_CUDA, attention_plain, poisoned_outputs  # noqa: F401
 
 
@@ -58,6 +58,16 @@ def check_decode(case, dtype, block_size, scale=None, consecutive=False):
     assert out.dtype == dtype and out.shape == q.shape
     assert_close_by_rule(out, ref, attention_plain(q, k, v, **args), atol=ATOL[dtype])
     return out
+
+
+def check_decode_block_sizes_agree(case):
+    """The same K/V laid out in blocks of 1, 16 and 7 tokens: the same output (each also checked by rule)."""
+    outs = []
+    for block_size in (1, 16, 7):
+        torch.manual_seed(1)
+        outs.append(check_decode(case, torch.float32, block_size))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[2], outs[0], rtol=1e-5, atol=1e-6)
 
 
 def run_prefill(q, k, v, q_lens, k_lens, block_size, scale=None):
@@ -116,24 +126,6 @@ PREFILL_CASES = [
 # fastlm's C++ CPU decode kernel (one query per row, fp32/bf16; fastlm.kernels._cpu_ext)
 
 
-@pytest.fixture
-def cpp_kernels(monkeypatch):
-    """The CPU path users get: no interpreter, no forced reference; skips where the library did not build."""
-    if ON_CUDA:
-        pytest.skip("the C++ decode kernel is the CPU path")
-    from fastlm.kernels import _cpu_ext
-    if not _cpu_ext.load():
-        pytest.skip(f"fastlm's C++ CPU kernels did not build here: {_cpu_ext.build_error()}")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.delenv("FASTLM_KERNELS", raising=False)
-
-
-def _ran_ops(fn):
-    with torch.profiler.profile() as prof:
-        out = fn()
-    return out, {event.key for event in prof.key_averages()}
-
-
 ONE_QUERY_CASES = [case for case in DECODE_CASES if case[0] == 1] + [(1, 12, 12, 64, [80]), (1, 5, 1, 17, [3, 1, 50])]
 
 
@@ -141,18 +133,13 @@ ONE_QUERY_CASES = [case for case in DECODE_CASES if case[0] == 1] + [(1, 12, 12,
 @pytest.mark.parametrize("case", ONE_QUERY_CASES)
 @pytest.mark.parametrize("consecutive", [False, True])
 def test_decode_cpp(case, dtype, consecutive, cpp_kernels):
-    _, ops = _ran_ops(lambda: check_decode(case, dtype, block_size=16, consecutive=consecutive))
+    _, ops = ops_run(lambda: check_decode(case, dtype, block_size=16, consecutive=consecutive))
     assert "fastlm_cpu::paged_decode" in ops
 
 
 @pytest.mark.parametrize("case", ONE_QUERY_CASES[:3])
 def test_decode_cpp_block_sizes_agree(case, cpp_kernels):
-    outs = []
-    for block_size in (1, 16, 7):
-        torch.manual_seed(1)
-        outs.append(check_decode(case, torch.float32, block_size))
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(outs[2], outs[0], rtol=1e-5, atol=1e-6)
+    check_decode_block_sizes_agree(case)
 
 
 def test_decode_cpp_softmax_scale_and_junk_past_the_used_blocks(cpp_kernels):
@@ -259,12 +246,7 @@ def test_shared_blocks_counts_only_blocks_every_row_fills():
 
 @pytest.mark.parametrize("case", DECODE_CASES[:4])
 def test_decode_reference_block_size_1_vs_16(case, reference_kernels):
-    outs = []
-    for block_size in (1, 16, 7):
-        torch.manual_seed(1)
-        outs.append(check_decode(case, torch.float32, block_size))
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(outs[2], outs[0], rtol=1e-5, atol=1e-6)
+    check_decode_block_sizes_agree(case)
 
 
 @pytest.mark.parametrize("case", PREFILL_CASES[:2])

@@ -10,6 +10,7 @@ from fastlm.kernels import cpu_choice
 from fastlm.runtime.compiled_step import CompiledDecodeSteps, step_key
 from fastlm.runtime.cpu_linear import PackedLinear, pack_linears
 from fastlm.runtime.engine import Engine
+from tests.compare import ops_run
 from tests.runtime.engine_util import PROMPTS, assert_all_free, generate, make_engine, reference_greedy  # noqa: F401
 
 
@@ -116,15 +117,14 @@ def test_compile_is_refused_where_it_cannot_run(checkpoints):
         fastlm.LLM(folder, device="cpu", tensor_parallel_size=2, compile=True)
 
 
-def test_threads_sharing_a_compiled_llm_with_an_abort(checkpoints, cpu_llms, reference_kernels, monkeypatch):
-    """Four threads on one LLM(compile=True) (steps of 1 and 2 rows, compiled), one of them dropping its
-    stream half-way: each finished call gets the eager LLM's text, and every block is free after."""
+THREAD_PROMPTS = ["def read_config(path):", "class Foo(object):", "Once upon a time", "The quick brown fox"]
+
+
+def _threads_with_an_abort(llm, prompts):
+    """Each prompt generated on its own thread, all started at once; the first thread drops a stream of
+    its prompt half-way (aborting that request) before its call. Returns ({prompt: text}, errors)."""
     import threading
 
-    monkeypatch.setenv(cpu_choice.ENV_FORCE, "compiled")
-    prompts = ["def read_config(path):", "class Foo(object):", "Once upon a time", "The quick brown fox"]
-    solo = {p: cpu_llms["llama_gqa"].generate(p, max_new_tokens=20, temperature=0) for p in prompts}
-    llm = fastlm.LLM(str(checkpoints["llama_gqa"][0]), dtype="float32", device="cpu", compile=True, max_num_seqs=2)
     start, results, errors = threading.Barrier(len(prompts)), {}, []
 
     def work(prompt, abort):
@@ -135,7 +135,7 @@ def test_threads_sharing_a_compiled_llm_with_an_abort(checkpoints, cpu_llms, ref
                 next(stream), next(stream)
                 stream.close()  # aborts the request
             results[prompt] = llm.generate(prompt, max_new_tokens=20, temperature=0)
-        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+        except Exception as exc:  # noqa: BLE001 - reported by the caller's assertion
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(p, i == 0)) for i, p in enumerate(prompts)]
@@ -143,7 +143,17 @@ def test_threads_sharing_a_compiled_llm_with_an_abort(checkpoints, cpu_llms, ref
         t.start()
     for t in threads:
         t.join()
+    return results, errors
+
+
+def test_threads_sharing_a_compiled_llm_with_an_abort(checkpoints, cpu_llms, reference_kernels, monkeypatch):
+    """Four threads on one LLM(compile=True) (steps of 1 and 2 rows, compiled), one of them dropping its
+    stream half-way: each finished call gets the eager LLM's text, and every block is free after."""
+    monkeypatch.setenv(cpu_choice.ENV_FORCE, "compiled")
+    solo = {p: cpu_llms["llama_gqa"].generate(p, max_new_tokens=20, temperature=0) for p in THREAD_PROMPTS}
+    llm = fastlm.LLM(str(checkpoints["llama_gqa"][0]), dtype="float32", device="cpu", compile=True, max_num_seqs=2)
     try:
+        results, errors = _threads_with_an_abort(llm, THREAD_PROMPTS)
         assert errors == [] and results == solo
         steps = llm.engine.runner.graphs
         assert steps.compile_error is None and set(steps.choices.values()) == {"compiled"}
@@ -152,32 +162,39 @@ def test_threads_sharing_a_compiled_llm_with_an_abort(checkpoints, cpu_llms, ref
         llm.close()
 
 
-@pytest.fixture
-def cpp_kernels(monkeypatch):
-    """The CPU path users get (no interpreter, no forced references), with fastlm's C++ kernels."""
-    from fastlm.kernels import _cpu_ext
-    if not _cpu_ext.load():
-        pytest.skip(f"fastlm's C++ CPU kernels did not build here: {_cpu_ext.build_error()}")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.delenv("FASTLM_KERNELS", raising=False)
+def test_threads_sharing_an_llm_on_the_cpp_attention_with_an_abort(checkpoints, cpu_llms, cpp_kernels, monkeypatch):
+    """The same four threads on one eager LLM whose decode attention is fastlm's C++ kernel (steps of 1
+    and 2 rows): each call gets the PyTorch references' text, and every block is free after."""
+    with monkeypatch.context() as references:
+        references.setenv("FASTLM_KERNELS", "reference")
+        solo = {p: cpu_llms["llama_gqa"].generate(p, max_new_tokens=20, temperature=0) for p in THREAD_PROMPTS}
+    from fastlm.kernels import paged_attention
+
+    decided = []  # the profiler does not see the engine's thread: record the dispatch decisions instead
+    real = paged_attention._cpu_kernel_decodes
+    monkeypatch.setattr(paged_attention, "_cpu_kernel_decodes", lambda *a: decided.append(real(*a)) or decided[-1])
+    llm = fastlm.LLM(str(checkpoints["llama_gqa"][0]), dtype="float32", device="cpu", max_num_seqs=2)
+    try:
+        results, errors = _threads_with_an_abort(llm, THREAD_PROMPTS)
+        assert errors == [] and results == solo
+        assert decided and all(decided)  # every decode attention call took the C++ kernel
+        assert_all_free(llm.engine)
+    finally:
+        llm.close()
 
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_cpp_gemv_and_decode_attention_give_the_oracle_tokens(compiled, cpu_llms, cpp_kernels, own_cache, monkeypatch):
     """Every packed linear's decode-sized calls through fastlm's C++ GEMV (forced) and the decode attention
     through its C++ kernel, in eager steps and inside compiled ones (steps of 1, 2 and 3 rows padded to 4)."""
-    import torch
-
     monkeypatch.setenv(cpu_choice.ENV_FORCE, "gemv")
     llm = cpu_llms["llama_gqa"]
     engine = compiled_engine(llm, packed=True, max_num_seqs=4)
     for bucket in engine.runner.graphs.buckets:  # the step choice cached, as a timed one would be
         cpu_choice.default_cache().put(f"decode_step|{step_key(engine.model, bucket)}", "compiled" if compiled else "eager")
     prompts = [PROMPTS[0], PROMPTS[1][:5], PROMPTS[2][:9]]
-    with torch.profiler.profile() as prof:
-        tokens = generate(engine, prompts)
+    tokens, ran = ops_run(lambda: generate(engine, prompts))
     assert tokens == reference_greedy(llm, prompts)
-    ran = {event.key for event in prof.key_averages()}
     assert {"fastlm_cpu::gemv", "fastlm_cpu::paged_decode"} <= ran
     assert set(engine.runner.graphs.choices.values()) == {"compiled" if compiled else "eager"}
     assert_all_free(engine)
