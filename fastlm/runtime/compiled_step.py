@@ -14,8 +14,10 @@ full width). Larger steps, prefills and the "eager" choice run the model as it i
 that fails is not fatal: a warning, the reason in compile_error, and every later step eager.
 Inputs are checked eagerly (Transformer.check_step) before the compiled step runs.
 Memory: the compiled graphs hold frozen copies of the weights, and they outlive the engine (torch.compile
-keeps them; torch._dynamo.reset() did not free them): one compiled model per process.
+keeps them; torch._dynamo.reset() did not free them): one compiled model per process is best. Several run
+correctly (each engine's step has its own code object, so its own compiled graphs and recompile limit).
 """
+import itertools
 import warnings
 from typing import Dict, Optional
 
@@ -26,6 +28,7 @@ from fastlm.kernels import cpu_choice
 from fastlm.model.attention_metadata import AttentionMetadata
 from fastlm.runtime.cuda_graph import DecodeGraphs
 
+_INSTANCES = itertools.count()
 MAX_COMPILED_BATCH = 8  # larger decode steps are bound by the GEMVs' compute: Python overhead matters less
 INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
@@ -55,6 +58,10 @@ class CompiledDecodeSteps(DecodeGraphs):
         super().__init__(model, pool, min(max_batch, MAX_COMPILED_BATCH), max_blocks_per_seq, capture=False)
         def step(input_ids, meta):  # the model through a closure, not an argument: freezing then folds its weights
             return model.forward_step(input_ids, meta)
+        # Dynamo keeps compiled code per code object and guards the closure's model on its type only (its
+        # weights are frozen in, its module guards skipped): each instance gets its own code object, else a
+        # second model of the same structure would run the first one's frozen weights.
+        step.__code__ = step.__code__.replace(co_name=f"decode_step_{next(_INSTANCES)}")
         self._compiled = torch.compile(step, dynamic=False, options=_guard_options())
         self.choices: Dict[int, str] = {}  # bucket -> "eager" | "compiled"
         self.compile_error: Optional[str] = None

@@ -4,6 +4,7 @@ a failing compile falls back to eager steps."""
 import copy
 
 import pytest
+import torch
 
 import fastlm
 from fastlm.kernels import cpu_choice
@@ -53,6 +54,24 @@ def test_compiled_steps_give_the_oracle_tokens(name, packed, prompts, cpu_llms, 
         assert any(isinstance(m, PackedLinear) for m in engine.model.modules())
         assert engine.pool.k[:, engine.pool.scratch_block].abs().sum() > 0  # the padding row wrote only there
     assert_all_free(engine)
+
+
+def test_two_compiled_models_of_one_structure_run_their_own_weights(cpu_llms, reference_kernels, monkeypatch):
+    # Dynamo guards the step's model on its type only (frozen weights, module guards skipped): a second
+    # engine once ran the first one's frozen weights and gave its tokens
+    monkeypatch.setenv(cpu_choice.ENV_FORCE, "compiled")
+    llm = cpu_llms["llama_gqa"]
+    other = copy.deepcopy(llm.model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-1.3)
+    prompts = PROMPTS[4:5]
+    first = compiled_engine(llm, max_num_seqs=4)
+    second = Engine(other, llm.eos_token_ids, llm.tokenizer, compile=True, max_num_seqs=4)
+    assert generate(first, prompts) == reference_greedy(llm, prompts)
+    eager_other = Engine(other, llm.eos_token_ids, llm.tokenizer, max_num_seqs=4)
+    assert generate(second, prompts) == generate(eager_other, prompts) != generate(first, prompts)
+    assert second.runner.graphs.choices == {1: "compiled"}
 
 
 def test_forced_eager_never_compiles(cpu_llms, reference_kernels, monkeypatch):
