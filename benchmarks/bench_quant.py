@@ -14,6 +14,7 @@
    in turns.
 
     python benchmarks/bench_quant.py --quick           # small shapes and models (CPU: ~1 minute)
+    python benchmarks/bench_quant.py --skip-linears --device cpu --threads 2 --compile   # compiled CPU steps
     python -m benchmarks.bench_quant --device cuda
 Writes benchmarks/out/bench_quant_{linear,decode}.csv and .png.
 """
@@ -32,7 +33,7 @@ from benchmarks.bench_generate import FULL, QUICK, save_random_checkpoint  # noq
 from benchmarks.common import base_parser, check_device, describe_device, plot, time_ms_each, write_csv  # noqa: E402
 from fastlm.kernels import _quant_cpu, int4_linear, int8_linear, quantize_int4, quantize_int8  # noqa: E402
 from fastlm.kernels.quant import QuantLinear  # noqa: E402
-from fastlm.runtime.bench import fastlm_speed, read_bandwidth_gbs, weight_bytes_per_step  # noqa: E402
+from fastlm.runtime.bench import bench_engine, engine_speed, read_bandwidth_gbs, weight_bytes_per_step  # noqa: E402
 
 SHAPES = {"gpt2 qkv": (2304, 768), "gpt2 mlp up": (3072, 768), "gpt2 mlp down": (768, 3072)}
 SHAPES_7B = {"7B qkv": (12288, 4096), "7B mlp up": (22016, 4096), "7B mlp down": (4096, 11008)}  # CUDA only
@@ -80,9 +81,10 @@ def _resident_bytes(model):
     return sum(_nbytes(t) for t in tensors.values())
 
 
-def bench_decode(configs, device, batch_sizes, prompt_len, new_tokens, repeats, read_gbs):
+def bench_decode(configs, device, batch_sizes, prompt_len, new_tokens, repeats, read_gbs, compile=False):
     """The three formats of one model are timed in turns (bf16, int8, int4, bf16, ...), each turn a whole
-    decode run, and each reports its median: load from other processes falls on every format alike."""
+    decode run, and each reports its median: load from other processes falls on every format alike.
+    compile: the engines' decode steps through torch.compile where timed faster (CPU; LLM(compile=True))."""
     import fastlm
 
     rows = []
@@ -93,10 +95,13 @@ def bench_decode(configs, device, batch_sizes, prompt_len, new_tokens, repeats, 
                                       quantize=None if fmt == "bf16" else fmt.removesuffix("+head"),
                                       quantize_head=fmt.endswith("+head")).model for fmt in DECODE_FORMATS}
             for batch in batch_sizes:
+                # one engine per format, kept across the turns (compile: one compiled step per engine)
+                engines = {fmt: bench_engine(model, batch, prompt_len + new_tokens + 1, compile=compile,
+                                             max_num_batched_tokens=batch * prompt_len) for fmt, model in models.items()}
                 runs = {fmt: [] for fmt in DECODE_FORMATS}
                 for _ in range(repeats):
-                    for fmt, model in models.items():
-                        runs[fmt].append(fastlm_speed(model, batch, prompt_len, new_tokens, 1)["decode_tok_s"])
+                    for fmt, engine in engines.items():
+                        runs[fmt].append(engine_speed(engine, batch, prompt_len, new_tokens, 1)["decode_tok_s"])
                 for fmt, model in models.items():
                     rows.append(_decode_row(name, fmt, batch, statistics.median(runs[fmt]),
                                             statistics.median(runs["bf16"]), model, models["bf16"], read_gbs))
@@ -118,8 +123,12 @@ def main(argv=None):
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--skip-linears", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="CPU: decode steps through torch.compile where timed faster (LLM(compile=True))")
     args = parser.parse_args(argv)
     device = check_device(args.device, args.threads)
+    if args.compile and device.type != "cpu":
+        parser.error("--compile is for CPU decode steps (CUDA runs CUDA graphs)")
     read_gbs = read_bandwidth_gbs(device)
     print(f"{describe_device(device)}; memory read {read_gbs:.1f} GB/s (fp32 sum)")
     written = []
@@ -138,10 +147,11 @@ def main(argv=None):
     if not args.skip_decode:
         print(" ".join(f"{k:>{w}}" for k, w in DECODE_COLUMNS))
         prompt_len, new_tokens, repeats = (16, 8, 2) if args.quick else (128, 64, 5)
-        rows = bench_decode(QUICK if args.quick else FULL, device, (1, 8), prompt_len, new_tokens, repeats, read_gbs)
+        rows = bench_decode(QUICK if args.quick else FULL, device, (1, 8), prompt_len, new_tokens, repeats, read_gbs,
+                            compile=args.compile)
         for row in rows:
             row.update(prompt_len=prompt_len, new_tokens=new_tokens, read_gbs=round(read_gbs, 1),
-                       device=describe_device(device))
+                       device=describe_device(device), compile=args.compile)
         written.append(write_csv(rows, os.path.join(args.out, "bench_quant_decode.csv")))
         written.append(plot(rows, os.path.join(args.out, "bench_quant_decode.png"), x="batch", y="decode_tok_s",
                             series=lambda r: f"{r['model']} {r['format']}", title="decode tokens/s by weight format",

@@ -31,7 +31,7 @@ import torch
 
 from fastlm.kernels import cpu_choice
 
-SOURCES = tuple(sorted((Path(__file__).with_name("csrc")).glob("*.cpp")))
+SOURCES = tuple(sorted(cpu_choice.NATIVE_SOURCES.glob("*.cpp")))
 ENV_DISABLE = "FASTLM_CPU_EXTENSION"  # "0": never build or use the C++ kernels
 BUILD_TIMEOUT_S = 600
 _lock = threading.Lock()

@@ -57,15 +57,28 @@ def int4_packed_available() -> bool:
 
 def int8_linear_cpu(x, weight, scale, bias, dequantize):
     """dequantize: fastlm.kernels.quant.dequantize_int8 (the one definition of the format)."""
-    if x.dtype != torch.bfloat16:  # fp16: x @ q.T (|q| <= 127) could overflow before the scale
-        candidates = {"dequant": lambda: F.linear(x, dequantize(weight, scale, x.dtype), _cast(bias, x))}
-    else:
-        candidates = {"dequant": lambda: _scaled_after(F.linear(x, weight.to(x.dtype)), scale, bias)}
+    memo = _memo("int8", x, weight.shape)
+    name = _choices.get(memo) or _choose(memo, x, _int8_names(x), lambda n: _int8_run(n, x, weight, scale, bias, dequantize))
+    return _int8_run(name, x, weight, scale, bias, dequantize)
+
+
+def _int8_names(x):
+    names = ["dequant"]
     if int8_packed_available() and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        candidates["packed"] = lambda: int8_packed(x, weight, scale, bias)
+        names.append("packed")
     if _gemv_offered(x):
-        candidates["gemv"] = lambda: torch.ops.fastlm_cpu.int8_gemv(x, weight, scale.float(), _cast(bias, x))
-    return _fastest("int8", x, weight.shape, candidates)()
+        names.append("gemv")
+    return names
+
+
+def _int8_run(name, x, weight, scale, bias, dequantize):
+    if name == "gemv":
+        return torch.ops.fastlm_cpu.int8_gemv(x, weight, scale.float(), _cast(bias, x))
+    if name == "packed":
+        return int8_packed(x, weight, scale, bias)
+    if x.dtype != torch.bfloat16:  # fp16: x @ q.T (|q| <= 127) could overflow before the scale
+        return F.linear(x, dequantize(weight, scale, x.dtype), _cast(bias, x))
+    return _scaled_after(F.linear(x, weight.to(x.dtype)), scale, bias)
 
 
 def _scaled_after(y, scale, bias):
@@ -81,15 +94,39 @@ def int8_packed(x, weight, scale, bias):
 
 def int4_linear_cpu(x, weight, scale, zero, bias, dequantize):
     """dequantize: fastlm.kernels.quant.dequantize_int4."""
-    candidates = {"dequant": lambda: F.linear(x, dequantize(weight, scale, zero, x.shape[1], x.dtype), _cast(bias, x))}
+    memo = _memo("int4", x, (weight.shape[0], x.shape[1]))
+    name = _choices.get(memo)
+    if name is None:
+        name = _choose(memo, x, _int4_names(x), lambda n: _int4_run(n, x, weight, scale, zero, bias, dequantize))
+        if name != "packed":  # timing may have repacked this weight: drop that copy
+            _int4_cache.pop(id(weight), None)
+    return _int4_run(name, x, weight, scale, zero, bias, dequantize)
+
+
+def _int4_names(x):
+    names = ["dequant"]
     if int4_packed_available() and x.dtype in (torch.float32, torch.bfloat16):
-        candidates["packed"] = lambda: int4_packed(x, weight, scale, zero, bias)
+        names.append("packed")
     if _gemv_offered(x):
-        candidates["gemv"] = lambda: torch.ops.fastlm_cpu.int4_gemv(x, weight, scale.float(), zero.float(), _cast(bias, x))
-    choice = _fastest("int4", x, (weight.shape[0], x.shape[1]), candidates)
-    if choice is not candidates.get("packed"):  # timing may have repacked this weight: drop that copy
-        _int4_cache.pop(id(weight), None)
-    return choice()
+        names.append("gemv")
+    return names
+
+
+def _int4_run(name, x, weight, scale, zero, bias, dequantize):
+    if name == "gemv":
+        return torch.ops.fastlm_cpu.int4_gemv(x, weight, scale.float(), zero.float(), _cast(bias, x))
+    if name == "packed":
+        return int4_packed(x, weight, scale, zero, bias)
+    return F.linear(x, dequantize(weight, scale, zero, x.shape[1], x.dtype), _cast(bias, x))
+
+
+def settled_cpu_path(fmt, x, weight_shape):
+    """The candidate already chosen for this call in this process where a traced call (torch.compile) can
+    run it inline ("gemv": a custom op with a fake; "dequant": plain torch ops), else None: the opaque
+    fastlm::int*_linear op, whose Python dispatch costs ~14 us a call in a compiled step ("packed" keeps
+    it: its repacked-weight cache is not traceable)."""
+    name = _choices.get(_memo(fmt, x, weight_shape))
+    return name if name in ("gemv", "dequant") else None
 
 
 def _gemv_offered(x) -> bool:
@@ -132,15 +169,21 @@ def _int4_packed(weight, scale, zero, dtype):
     return value
 
 
-def _fastest(fmt, x, weight_shape, candidates):
-    """The candidate chosen for (fmt, x's dtype, x's size class, the weight's shape): see the module
-    docstring. Per shape: one choice for every layer picked dequantize + linear for a 32000-row int8 LM
-    head after timing a 768-wide layer (converting the whole head each step)."""
-    size = "decode" if x.shape[0] <= DECODE_MAX_ROWS else "prefill"
-    shape = "x".join(map(str, weight_shape))
-    memo = (fmt, x.dtype, size, shape)
-    if memo not in _choices:  # the key names the candidates: a choice made without one is not reused with it
-        key = (f"{str(x.dtype).removeprefix('torch.')}|{size}|{shape}|threads={torch.get_num_threads()}"
-               f"|{'+'.join(sorted(candidates))}")
-        _choices[memo] = cpu_choice.choose(f"{fmt}_linear", key, candidates)
-    return candidates.get(_choices[memo], candidates["dequant"])
+def _memo(fmt, x, weight_shape):
+    """(fmt, x's dtype, x's size class, the weight's shape): one choice for every layer of a shape.
+    Per shape: one choice for every layer picked dequantize + linear for a 32000-row int8 LM head after
+    timing a 768-wide layer (converting the whole head each step)."""
+    return fmt, x.dtype, "decode" if x.shape[0] <= DECODE_MAX_ROWS else "prefill", "x".join(map(str, weight_shape))
+
+
+def _choose(memo, x, names, run):
+    """Times the candidates `names` (run(name) runs one on this call's inputs) through cpu_choice and
+    keeps the choice in memory; see the module docstring. The key names the candidates: a choice made
+    without one is not reused with it."""
+    fmt, _, size, shape = memo
+    key = (f"{str(x.dtype).removeprefix('torch.')}|{size}|{shape}|threads={torch.get_num_threads()}"
+           f"|{'+'.join(sorted(names))}")
+    cold = size == "decode"  # a decode step streams its weights from memory: time them that way
+    name = cpu_choice.choose(f"{fmt}_linear", key, {n: (lambda n=n: run(n)) for n in names}, cold=cold)
+    _choices[memo] = name if name in names else "dequant"
+    return _choices[memo]

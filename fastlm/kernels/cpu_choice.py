@@ -6,8 +6,9 @@ callable running the operation on representative inputs) under a key naming what
 on (family, dtype, shape, size class); `choose` times them once, keeps the fastest, and remembers it
 in memory and in a JSON file per machine, so later processes skip the timing.
 
-- Machine: CPU model + ISA flags + torch version + CANDIDATES_VERSION (`machine_description`); the file
-  is named by a hash of it, so another CPU, another torch or other candidates get their own file. Thread count belongs in the caller's key.
+- Machine: CPU model + ISA flags + torch version + CANDIDATES_VERSION + a digest of fastlm's C++ kernel
+  sources (`machine_description`); the file is named by a hash of it, so another CPU, another torch or
+  other candidates (a changed C++ kernel included) get their own file. Thread count belongs in the caller's key.
 - File: $FASTLM_CACHE_DIR/cpu_kernels-<hash>.json, else ~/.cache/fastlm/ (XDG_CACHE_HOME honoured);
   written atomically (temporary file + os.replace); an unreadable or malformed file is ignored with a
   warning and rewritten on the next choice. A file that cannot be written only costs re-timing.
@@ -19,6 +20,7 @@ in memory and in a JSON file per machine, so later processes skip the timing.
 A leaf module like _utils.py: it imports nothing from fastlm, so any kernels module (the quantized
 linears' CPU paths included) and the runtime can use it.
 """
+import functools
 import hashlib
 import json
 import os
@@ -62,10 +64,23 @@ CANDIDATES_VERSION = 2  # 2: fastlm's C++ CPU kernels (GEMV candidate, decode at
 
 def machine_description() -> dict:
     """What a timed choice depends on besides its own key: CPU model, ISA flags, torch version, and the
-    version of fastlm's candidates."""
+    version of fastlm's candidates (CANDIDATES_VERSION and the C++ kernels' sources)."""
     model, flags = _cpuinfo()
     return {"cpu": model or platform.processor() or platform.machine(), "flags": flags,
-            "torch": torch.__version__, "candidates": CANDIDATES_VERSION}
+            "torch": torch.__version__, "candidates": CANDIDATES_VERSION, "native": native_sources_digest()}
+
+
+NATIVE_SOURCES = Path(__file__).parent / "csrc"  # fastlm's C++ kernels (built by _cpu_ext.py)
+
+
+@functools.lru_cache(maxsize=None)
+def native_sources_digest() -> str:
+    """A digest of the C++ kernels' sources: a choice timed against an older build of them is not taken
+    (a faster GEMV can win where it lost before)."""
+    digest = hashlib.sha256()
+    for path in sorted(NATIVE_SOURCES.glob("*.cpp")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _cpuinfo():
@@ -160,9 +175,10 @@ def default_cache() -> ChoiceCache:
 
 
 def choose(family: str, key: str, candidates: Mapping[str, Callable[[], object]],
-           cache: Optional[ChoiceCache] = None) -> str:
+           cache: Optional[ChoiceCache] = None, cold: bool = False) -> str:
     """The name of the candidate to use for key (a string naming family, dtype, shape, size class,
-    threads): forced by FASTLM_CPU_KERNELS, else cached, else the fastest by time_candidates."""
+    threads): forced by FASTLM_CPU_KERNELS, else cached, else the fastest by time_candidates (cold: see
+    there)."""
     if not candidates:
         raise ValueError("candidates must not be empty")
     cache = cache or default_cache()
@@ -171,7 +187,7 @@ def choose(family: str, key: str, candidates: Mapping[str, Callable[[], object]]
         return settled
     if len(candidates) == 1:
         return next(iter(candidates))
-    times = time_candidates(candidates)
+    times = time_candidates(candidates, cold=cold)
     best = min(times, key=times.get)
     cache.put(f"{family}|{key}", best)
     return best
@@ -187,13 +203,39 @@ def settled_choice(family: str, key: str, candidates, cache: Optional[ChoiceCach
     return known if known in candidates else None
 
 
-def time_candidates(candidates: Mapping[str, Callable[[], object]], rounds: int = ROUNDS) -> Dict[str, float]:
-    """Median seconds per candidate over `rounds` interleaved rounds, after one warm-up round."""
+def time_candidates(candidates: Mapping[str, Callable[[], object]], rounds: int = ROUNDS,
+                    cold: bool = False) -> Dict[str, float]:
+    """Median seconds per candidate over `rounds` interleaved rounds, after one warm-up round.
+
+    cold: the caches are flushed before each call (a read of twice the last-level cache), so that a
+    candidate reading a weight is timed as a decode step runs it: streaming from memory. Timed on a
+    weight left in cache, PyTorch's packed int4 kernel beat fastlm's int4 GEMV, which is 15-25% faster
+    in the decode steps themselves (AMD EPYC, GPT-2-124M shapes)."""
+    flush = _cache_flusher() if cold else (lambda: None)
     times = {name: [] for name in candidates}
     for round_index in range(rounds + 1):
         for name, fn in candidates.items():
+            flush()
             start = time.perf_counter()
             fn()
             if round_index:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _cache_flusher() -> Callable[[], object]:
+    """A function reading a buffer twice the largest cache's size (at least 64 MiB)."""
+    buffer = torch.ones(max(64 << 20, 2 * _largest_cache_bytes()) // 4, dtype=torch.float32)
+    return buffer.sum
+
+
+def _largest_cache_bytes() -> int:
+    """The largest CPU cache in sysfs (Linux; 0 elsewhere), e.g. "32768K" -> 33554432."""
+    sizes = [0]
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = path.read_text().strip().upper()
+            sizes.append(int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0))
+        except (OSError, ValueError):
+            continue
+    return max(sizes)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.library import custom_op
 
 from fastlm.kernels._quant import launch_int4_linear, launch_int8_linear
+from fastlm.kernels import _quant_cpu
 from fastlm.kernels._quant_cpu import int4_linear_cpu, int8_linear_cpu
 from fastlm.kernels._utils import FLOAT_DTYPES, cdiv, check_tensor, eager_reference, rows, use_triton
 
@@ -119,6 +120,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     x2 = rows(x, x.shape[-1])
     if eager_reference(x):  # not traced, no Triton: skip the op dispatch
         y = _int8_linear_untriton(x2, weight, scale, bias)
+    elif name := _traced_cpu_path("int8", x2, weight.shape):
+        y = _quant_cpu._int8_run(name, x2, weight, scale, bias, dequantize_int8)
     else:
         y = int8_linear_op(x2, weight, scale, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
@@ -137,9 +140,19 @@ def int4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero
     x2 = rows(x, x.shape[-1])
     if eager_reference(x):  # not traced, no Triton: skip the op dispatch
         y = _int4_linear_untriton(x2, weight, scale, zero, bias)
+    elif name := _traced_cpu_path("int4", x2, (weight.shape[0], x2.shape[1])):
+        y = _quant_cpu._int4_run(name, x2, weight, scale, zero, bias, dequantize_int4)
     else:
         y = int4_linear_op(x2, weight, scale, zero, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _traced_cpu_path(fmt, x, weight_shape):
+    """Under torch.compile on the CPU: the CPU path already chosen for this call (None: not chosen yet,
+    or not the CPU), traced inline rather than through the opaque custom op (see settled_cpu_path)."""
+    if x.device.type != "cpu" or not torch.compiler.is_compiling() or use_triton(x):
+        return None
+    return _quant_cpu.settled_cpu_path(fmt, x, weight_shape)
 
 
 def _int8_linear_untriton(x, weight, scale, bias):

@@ -144,7 +144,8 @@ def _close(y, exact, dtype):
 
 @built
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("M,K,N", [(1, 768, 2304), (3, 77, 33), (8, 100, 19), (11, 31, 17), (1, 1, 5)])
+@pytest.mark.parametrize("M,K,N", [(1, 768, 2304), (1, 200, 37), (2, 333, 21), (3, 77, 33), (8, 100, 19), (11, 31, 17),
+                                   (1, 1, 5)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_int8_gemv_matches_fp64(dtype, M, K, N, bias):
     x, w, b = _inputs((M,), K, N, dtype, bias)
@@ -156,8 +157,8 @@ def test_int8_gemv_matches_fp64(dtype, M, K, N, bias):
 
 @built
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("M,K,N,G", [(1, 768, 2304, 128), (3, 77, 33, 32), (8, 100, 19, 64), (9, 256, 17, 128),
-                                       (2, 33, 5, 32)])
+@pytest.mark.parametrize("M,K,N,G", [(1, 768, 2304, 128), (1, 3072, 24, 32), (3, 77, 33, 32), (8, 100, 19, 64),
+                                       (9, 256, 17, 128), (2, 33, 5, 32)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_int4_gemv_matches_fp64(dtype, M, K, N, G, bias):
     x, w, b = _inputs((M,), K, N, dtype, bias)
@@ -195,7 +196,8 @@ def test_timed_int4_choice_other_than_packed_keeps_no_repacked_copy(cpp_kernels,
     monkeypatch.setenv(cpu_choice.ENV_CACHE_DIR, str(tmp_path))
     monkeypatch.delenv(cpu_choice.ENV_FORCE, raising=False)
     monkeypatch.setattr(cpu_choice, "time_candidates",
-                        lambda candidates, rounds=5: {n: (c(), 1.0 if n == "gemv" else 2.0)[1] for n, c in candidates.items()})
+                        lambda candidates, rounds=5, cold=False: {n: (c(), 1.0 if n == "gemv" else 2.0)[1]
+                                                                  for n, c in candidates.items()})
     monkeypatch.setattr(_quant_cpu, "_choices", {})
     x, w, _ = _inputs((1,), 64, 48, torch.bfloat16, bias=False)
     q = quantize_int4(w.float(), group_size=32)

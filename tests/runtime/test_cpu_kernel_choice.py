@@ -20,18 +20,25 @@ def cache(tmp_path):
     return cpu_choice.ChoiceCache(tmp_path / "choices.json", MACHINE)
 
 
+class _Calls(list):
+    """The candidate names of each timing; .cold: whether each flushed the caches."""
+
+
 @pytest.fixture
 def timings(monkeypatch, tmp_path):
     """Replaces the timing: records each call's candidate names and makes "onednn" the fastest; an
     empty default cache folder."""
     monkeypatch.setenv(cpu_choice.ENV_CACHE_DIR, str(tmp_path / "default_cache"))
-    calls = []
+    calls = _Calls()
 
-    def fake(candidates, rounds=cpu_choice.ROUNDS):
+    def fake(candidates, rounds=cpu_choice.ROUNDS, cold=False):
         calls.append(sorted(candidates))
+        colds.append(cold)
         return {name: (1.0 if name == "onednn" else 2.0) for name in candidates}
     monkeypatch.setattr(cpu_choice, "time_candidates", fake)
     monkeypatch.delenv(cpu_choice.ENV_FORCE, raising=False)
+    colds = []
+    calls.cold = colds  # whether each timing flushed the caches
     return calls
 
 
@@ -85,13 +92,15 @@ def test_corrupted_cache_file_is_ignored_and_rebuilt(tmp_path, timings, content)
     assert not list(tmp_path.glob("*.tmp"))  # the atomic write left no temporary file
 
 
-def test_cache_key_changes_with_torch_version_cpu_flags_and_candidates(monkeypatch):
+def test_cache_key_changes_with_torch_version_cpu_flags_candidates_and_cpp_sources(monkeypatch):
     here = cpu_choice.machine_description()
     assert cpu_choice.machine_key(here) == cpu_choice.machine_key()
     assert cpu_choice.machine_key({**here, "torch": here["torch"] + "-other"}) != cpu_choice.machine_key(here)
     assert cpu_choice.machine_key({**here, "flags": here["flags"] + " amx_tile"}) != cpu_choice.machine_key(here)
     assert here["candidates"] == cpu_choice.CANDIDATES_VERSION  # choices timed against older candidates: another file
     assert cpu_choice.machine_key({**here, "candidates": here["candidates"] - 1}) != cpu_choice.machine_key(here)
+    assert here["native"] == cpu_choice.native_sources_digest()  # a changed C++ kernel: another file
+    assert cpu_choice.machine_key({**here, "native": "0" * 16}) != cpu_choice.machine_key(here)
     monkeypatch.setattr(torch, "__version__", "9.9.9")
     assert cpu_choice.machine_description()["torch"] == "9.9.9"
     assert cpu_choice.machine_key() != cpu_choice.machine_key(here)
@@ -109,6 +118,15 @@ def test_time_candidates_runs_each_once_per_round():
     times = cpu_choice.time_candidates(candidates, rounds=3)
     assert set(times) == {"aten", "onednn"} and all(t >= 0 for t in times.values())
     assert ran == {"aten": 4, "onednn": 4}  # a warm-up round + 3
+
+
+def test_cold_timing_flushes_the_caches_before_each_call(monkeypatch):
+    events = []
+    monkeypatch.setattr(cpu_choice, "_cache_flusher", lambda: (lambda: events.append("flush")))
+    candidates = {name: (lambda name=name: events.append(name)) for name in ("aten", "onednn")}
+    cpu_choice.time_candidates(candidates, rounds=2, cold=True)
+    assert events == ["flush", "aten", "flush", "onednn"] * 3
+    assert cpu_choice._largest_cache_bytes() >= 0
 
 
 def _model(dtype):
@@ -176,7 +194,7 @@ def test_quantized_linear_choice_is_timed_once_per_machine_and_forcible(monkeypa
     monkeypatch.setattr(_quant_cpu, "_choices", {})
     linear(x, *q)
     names = ["dequant", "gemv", "packed"] if cpu_gemv_available() else ["dequant", "packed"]  # gemv: fastlm's C++
-    assert timings == [names]
+    assert timings == [names] and timings.cold == [True]  # decode sizes: timed streaming from memory
     cached = json.loads(next((cpu_choice.cache_dir()).glob("cpu_kernels-*.json")).read_text())
     key = f"int{bits}_linear|bfloat16|decode|32x64|threads={torch.get_num_threads()}|{'+'.join(names)}"
     assert key in cached["choices"]

@@ -6,10 +6,14 @@
 //       per group: scale * (x . nibbles) + (zero - 8 * scale) * sum(x over the group).
 // x fp32 or bf16 (y in x's dtype), up to 8 rows per pass over the weights, fp32 sums. Why: a batch-1 decode
 // reads every weight once, and on the development AMD EPYC PyTorch's packed int8/int4 CPU kernels read
-// ~16 GB/s of the ~40-75 the memory gives; the int4 one also wants its own repacked copy of the weights
-// beside fastlm's (twice the memory the format should take). Here x is widened to fp32 once per call (for
-// int4 split into even and odd columns, with per-group sums), each weight row streams once, integers are
-// widened in registers, and the next rows are prefetched.
+// ~16-30 GB/s of the ~40-75 the memory gives; the int4 one also wants its own repacked copy of the weights
+// beside fastlm's (twice the memory the format should take). Each weight row streams once, integers are
+// widened in registers, and the next rows are prefetched. What bounds them is arithmetic, not memory, so:
+//   - one x row keeps 4 independent fp32 sums (one chain waits on the FMA latency: 30 -> 45 GB/s of int8);
+//   - bf16 x (AVX512-BF16): products through vdpbf16ps, 32 per instruction, exact (int8 values and
+//     nibbles are exact in bf16, products of two bf16 exact in fp32). int8 widens 32 weights to bf16
+//     through fp32 (the 2..8-row case: 2.5x the fp32 FMAs); int4 makes bf16 128 + nibble with one bit
+//     operation (nibble | 0x4300) and takes 128 * sum(x over the group) off with the zero term.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,12 +24,15 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define FASTLM_AVX512 1
 #include <immintrin.h>
+#if defined(__AVX512BF16__)
+#define FASTLM_BF16_DOT 1
+#endif
 #endif
 
 namespace {
 
 constexpr int kMaxRows = 8;
-constexpr int64_t kPrefetchBytes = 2048;
+constexpr int64_t kPrefetchBytes = 4096;
 
 // x rows widened to fp32, K padded with zeros to `width` (a multiple of 32).
 std::vector<float> widen_rows(const at::Tensor& x, int64_t width) {
@@ -37,18 +44,35 @@ std::vector<float> widen_rows(const at::Tensor& x, int64_t width) {
   return out;
 }
 
+// Independent fp32 sums per x row: with one row a single chain would wait on each FMA's latency.
+template <int M>
+constexpr int chains() { return M == 1 ? 4 : M == 2 ? 2 : 1; }
+
 template <int M>
 void int8_rows(const float* x, int64_t Kw, const int8_t* q, int64_t K, float* sums) {
 #ifdef FASTLM_AVX512
-  __m512 acc[M];
-  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 mask = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+  constexpr int A = chains<M>();
+  __m512 acc[M][A];
+  for (int m = 0; m < M; ++m)
+    for (int a = 0; a < A; ++a) acc[m][a] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 * A <= K; k += 16 * A) {
     _mm_prefetch(reinterpret_cast<const char*>(q + k) + kPrefetchBytes, _MM_HINT_T0);
-    const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, q + k)));
-    for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * Kw + k), w, acc[m]);
+    for (int a = 0; a < A; ++a) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k + 16 * a));
+      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+      for (int m = 0; m < M; ++m) acc[m][a] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * Kw + k + 16 * a), w, acc[m][a]);
+    }
   }
-  for (int m = 0; m < M; ++m) sums[m] = _mm512_reduce_add_ps(acc[m]);
+  for (; k < K; k += 16) {  // x is zero-padded to Kw: only the weights need a mask
+    const __mmask16 mask = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+    const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, q + k)));
+    for (int m = 0; m < M; ++m) acc[m][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * Kw + k), w, acc[m][0]);
+  }
+  for (int m = 0; m < M; ++m) {
+    for (int a = 1; a < A; ++a) acc[m][0] = _mm512_add_ps(acc[m][0], acc[m][a]);
+    sums[m] = _mm512_reduce_add_ps(acc[m][0]);
+  }
 #else
   for (int m = 0; m < M; ++m) {
     float s = 0.f;
@@ -58,6 +82,75 @@ void int8_rows(const float* x, int64_t Kw, const int8_t* q, int64_t K, float* su
   }
 #endif
 }
+
+#ifdef FASTLM_BF16_DOT
+// 32 int8 weights (the first `left` of them; the rest read as 0) as bf16, exactly, through fp32.
+inline __m512bh int8_as_bf16(const int8_t* q, int64_t left) {
+  const __mmask16 m0 = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+  const __mmask16 m1 = left >= 32 ? (__mmask16)0xffff : left <= 16 ? (__mmask16)0 : (__mmask16)((1u << (left - 16)) - 1);
+  const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m0, q)));
+  const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m1, q + 16)));
+  return _mm512_cvtne2ps_pbh(w1, w0);
+}
+
+// bf16 x rows (M, Kw) zero-padded: the 2..8-row case, where the FMAs of the fp32 path bound the speed.
+template <int M>
+void int8_rows_bf16(const at::BFloat16* x, int64_t Kw, const int8_t* q, int64_t K, float* sums) {
+  __m512 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(q + k) + kPrefetchBytes, _MM_HINT_T0);
+    const __m512bh w = int8_as_bf16(q + k, K - k);
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_loadu_si512(x + m * Kw + k), w);
+  }
+  for (int m = 0; m < M; ++m) sums[m] = _mm512_reduce_add_ps(acc[m]);
+}
+
+// One output row of int4 for bf16 x: xe/xo (M, half) bf16, the even / odd columns of x. Per group: the dot
+// with bf16 (128 + nibble), times the group's scale, summed in fp32 lanes; the caller adds the zero terms.
+template <int M, int Bytes>  // Bytes: weight bytes per step, 32 (G a multiple of 64) or 16
+void int4_rows_bf16(const at::BFloat16* xe, const at::BFloat16* xo, int64_t half, int64_t groups, int64_t G,
+                    const uint8_t* q, const float* scale, float* sums) {
+  using V = std::conditional_t<Bytes == 32, __m512, __m256>;
+  V acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = V{};
+  const int64_t bytes_per_group = G / 2;
+  for (int64_t g = 0; g < groups; ++g) {
+    V dot[M];
+    for (int m = 0; m < M; ++m) dot[m] = V{};
+    for (int64_t j = g * bytes_per_group; j < (g + 1) * bytes_per_group; j += Bytes) {
+      _mm_prefetch(reinterpret_cast<const char*>(q + j) + kPrefetchBytes, _MM_HINT_T0);
+      if constexpr (Bytes == 32) {
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + j)));
+        const __m512i magic = _mm512_set1_epi16(0x4300);  // bf16 bits of 128: | nibble gives 128 + nibble
+        const __m512bh lo = (__m512bh)_mm512_ternarylogic_epi32(v, _mm512_set1_epi16(15), magic, 0xEA);  // (v & 15) | magic
+        const __m512bh hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 4), magic);
+        for (int m = 0; m < M; ++m) {
+          dot[m] = _mm512_dpbf16_ps(dot[m], (__m512bh)_mm512_loadu_si512(xe + m * half + j), lo);
+          dot[m] = _mm512_dpbf16_ps(dot[m], (__m512bh)_mm512_loadu_si512(xo + m * half + j), hi);
+        }
+      } else {
+        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j)));
+        const __m256i magic = _mm256_set1_epi16(0x4300);
+        const __m256bh lo = (__m256bh)_mm256_ternarylogic_epi32(v, _mm256_set1_epi16(15), magic, 0xEA);
+        const __m256bh hi = (__m256bh)_mm256_or_si256(_mm256_srli_epi16(v, 4), magic);
+        for (int m = 0; m < M; ++m) {
+          dot[m] = _mm256_dpbf16_ps(dot[m], (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe + m * half + j)), lo);
+          dot[m] = _mm256_dpbf16_ps(dot[m], (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xo + m * half + j)), hi);
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      if constexpr (Bytes == 32) acc[m] = _mm512_fmadd_ps(dot[m], _mm512_set1_ps(scale[g]), acc[m]);
+      else acc[m] = _mm256_fmadd_ps(dot[m], _mm256_set1_ps(scale[g]), acc[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    if constexpr (Bytes == 32) sums[m] = _mm512_reduce_add_ps(acc[m]);
+    else sums[m] = _mm512_reduce_add_ps(_mm512_insertf32x8(_mm512_setzero_ps(), acc[m], 0));
+  }
+}
+#endif
 
 // One output row of int4: xe/xo (M, Kp/2) the even / odd columns of x, xg (M, groups) their group sums.
 template <int M>
@@ -131,17 +224,26 @@ void check_x(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t
 template <typename T>
 void int8_typed(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& bias, at::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0), Kw = (K + 31) / 32 * 32;
-  const std::vector<float> xf = widen_rows(x, Kw);
+  // bf16 x and more than one row: vdpbf16ps on x as it is (zero-padded); else fp32 FMAs on x widened once.
+  bool bf16_dot = false;
+#ifdef FASTLM_BF16_DOT
+  bf16_dot = std::is_same_v<T, at::BFloat16> && M > 1;
+#endif
+  const std::vector<float> xf = bf16_dot ? std::vector<float>() : widen_rows(x, Kw);
+  const at::Tensor xb = bf16_dot ? at::constant_pad_nd(x, {0, Kw - K}).contiguous() : at::Tensor();
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   const T* bp = bias.defined() ? bias.data_ptr<T>() : nullptr;
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const float* xs = xf.data() + m0 * Kw;
     T* ys = y.data_ptr<T>() + m0 * N;
     with_rows(std::min<int64_t>(kMaxRows, M - m0), [&](auto rows) {
       constexpr int R = decltype(rows)::value;
       for_rows<T, R>(N, bp, ys, [&](int64_t n, float* sums) {
-        int8_rows<R>(xs, Kw, qp + n * K, K, sums);
+#ifdef FASTLM_BF16_DOT
+        if (bf16_dot) int8_rows_bf16<R>(xb.data_ptr<at::BFloat16>() + m0 * Kw, Kw, qp + n * K, K, sums);
+        else
+#endif
+          int8_rows<R>(xf.data() + m0 * Kw, Kw, qp + n * K, K, sums);
         for (int m = 0; m < R; ++m) sums[m] *= sp[n];
       });
     });
@@ -189,6 +291,52 @@ void int4_typed(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scal
   }
 }
 
+#ifdef FASTLM_BF16_DOT
+void int4_bf16(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
+               const at::Tensor& bias, at::Tensor& y) {
+  using B = at::BFloat16;
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0), half = q.size(1), groups = scale.size(1), G = 2 * half / groups;
+  const at::Tensor xc = x.contiguous();
+  const B* xp = xc.data_ptr<B>();
+  std::vector<B> xe(M * half, B(0.f)), xo(M * half, B(0.f));  // zeros past K: the padding columns meet no input
+  std::vector<float> xg(M * groups, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    const B* row = xp + m * K;
+    for (int64_t j = 0; j < K / 2; ++j) {
+      xe[m * half + j] = row[2 * j];
+      xo[m * half + j] = row[2 * j + 1];
+    }
+    if (K % 2) xe[m * half + K / 2] = row[K - 1];
+    for (int64_t g = 0; g < groups; ++g) {
+      float sum = 0.f;
+      for (int64_t c = g * G; c < std::min(K, (g + 1) * G); ++c) sum += static_cast<float>(row[c]);
+      xg[m * groups + g] = sum;
+    }
+  }
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float *sp = scale.data_ptr<float>(), *zp = zero.data_ptr<float>();
+  const B* bp = bias.defined() ? bias.data_ptr<B>() : nullptr;
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    B* ys = y.data_ptr<B>() + m0 * N;
+    with_rows(std::min<int64_t>(kMaxRows, M - m0), [&](auto rows) {
+      constexpr int R = decltype(rows)::value;
+      for_rows<B, R>(N, bp, ys, [&](int64_t n, float* sums) {
+        const float *s = sp + n * groups, *z = zp + n * groups;
+        if (G % 64) int4_rows_bf16<R, 16>(xe.data() + m0 * half, xo.data() + m0 * half, half, groups, G, qp + n * half, s, sums);
+        else int4_rows_bf16<R, 32>(xe.data() + m0 * half, xo.data() + m0 * half, half, groups, G, qp + n * half, s, sums);
+        for (int m = 0; m < R; ++m) {  // w = (nibble - 8) s + z, and the dots took (128 + nibble): (z - 136 s) per group
+          const float* xs = xg.data() + (m0 + m) * groups;
+          float offset = 0.f;
+#pragma omp simd reduction(+ : offset)
+          for (int64_t g = 0; g < groups; ++g) offset += (z[g] - 136.f * s[g]) * xs[g];
+          sums[m] += offset;
+        }
+      });
+    });
+  }
+}
+#endif
+
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
                      const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.device().is_cpu(), "fastlm_cpu::int4_gemv: q uint8 (N, Kp/2)");
@@ -203,7 +351,13 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   const at::Tensor qc = q.contiguous(), sc = scale.contiguous(), zc = zero.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   if (x.scalar_type() == at::kFloat) int4_typed<float>(x, qc, sc, zc, bc, y);
-  else int4_typed<at::BFloat16>(x, qc, sc, zc, bc, y);
+  else {
+#ifdef FASTLM_BF16_DOT
+    int4_bf16(x, qc, sc, zc, bc, y);
+#else
+    int4_typed<at::BFloat16>(x, qc, sc, zc, bc, y);
+#endif
+  }
   return y;
 }
 
