@@ -204,3 +204,13 @@ def test_timed_int4_choice_other_than_packed_keeps_no_repacked_copy(cpp_kernels,
     int4_linear(x, *q)  # timed: the packed candidate ran (and repacked the weight), gemv won
     assert id(q[0]) not in _quant_cpu._int4_cache
     assert ("int4", torch.bfloat16, "decode", "48x64") in _quant_cpu.choices()
+
+
+@built
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,K,G", [(5, 7, 32), (33, 200, 64), (17, 256, 128), (3, 129, 32)])
+def test_int4_dequantize_is_the_definition_bitwise(dtype, N, K, G):
+    """The C++ dequantize (the prefill path's dequantize + linear) computes quant.dequantize_int4's values."""
+    q, scale, zero = quantize_int4(torch.randn(N, K), group_size=G)
+    got = torch.ops.fastlm_cpu.int4_dequantize(q, scale, zero, K, dtype)
+    assert got.dtype == dtype and torch.equal(got, dequantize_int4(q, scale, zero, K, dtype))
