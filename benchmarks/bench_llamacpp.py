@@ -1,6 +1,8 @@
 """CPU decode at batch 1: fastlm against llama.cpp (through llama-cpp-python) on the same random checkpoint.
 
-For a GPT-2-124M-shaped and a Llama-150M-shaped checkpoint (as in bench_generate.py), fp32 and bf16:
+For a GPT-2-124M-shaped and a Llama-150M-shaped checkpoint (as in bench_generate.py), fp32, bf16 and int8
+(fastlm's weight-only int8 with the embedding and LM head quantized, bf16 activations, against llama.cpp's
+Q8_0 file, which quantizes the activations too):
 the checkpoint is saved with transformers, loaded by fastlm.LLM, and written as GGUF for llama.cpp
 (benchmarks/gguf_export.py). Both decode greedily from the same random prompt, eos ignored, with the
 same number of threads; rounds alternate fastlm / llama.cpp and the medians are reported:
@@ -34,7 +36,11 @@ from benchmarks.common import base_parser, plot, write_csv  # noqa: E402
 
 INSTALL_HINT = ("bench_llamacpp.py needs llama-cpp-python and gguf: pip install 'fastlm[llamacpp]' "
                 "(or pip install llama-cpp-python gguf; llama.cpp builds from source with CMake, ~10 minutes on 2 cores)")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": "q8_0"}  # name -> write_gguf's dtype
+# fastlm.LLM's options per name: int8 is fastlm's weight-only int8 with the embedding / LM head quantized too,
+# against llama.cpp's Q8_0 file (every matrix in Q8_0; llama.cpp also quantizes the activations to 8 bits)
+LLM_OPTIONS = {"float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"),
+               "int8": dict(dtype="bfloat16", quantize="int8", quantize_head=True)}
 
 
 def peer_worker(gguf_path: str, threads: int, context: int) -> None:
@@ -147,7 +153,7 @@ def bench_config(name, hf_model, folder, dtype_name, args, read_gbs, tmp):
     # waits for fastlm's tokens holds no OpenMP pool of its own while the engine thread decodes
     gguf_path = on_passing_thread(write_gguf, hf_model, os.path.join(tmp, f"{name}-{dtype_name}.gguf"),
                                   DTYPES[dtype_name])
-    llm = LLM(folder, dtype=dtype_name, device="cpu", compile=args.compile)
+    llm = LLM(folder, device="cpu", compile=args.compile, **LLM_OPTIONS[dtype_name])
     torch.manual_seed(0)
     prompt = torch.randint(0, hf_model.config.vocab_size, (args.prompt_len,)).tolist()
     peer = Peer(gguf_path, args.threads, args.prompt_len + args.new_tokens + 8)

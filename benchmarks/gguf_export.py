@@ -12,6 +12,8 @@ import torch
 
 BYTE_TOKENS = 256
 
+Q8_0 = "q8_0"  # write_gguf's name for llama.cpp's 8-bit format
+
 
 def _byte_chars():
     """GPT-2's printable stand-in character for each byte (bytes_to_unicode)."""
@@ -39,10 +41,13 @@ def _add_vocab(writer, gguf, vocab_size: int) -> None:
     writer.add_eos_token_id(vocab_size - 1)
 
 
-def _tensor(writer, gguf, name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
+def _tensor(writer, gguf, name: str, t: torch.Tensor, dtype) -> None:
     t = t.detach().contiguous()
     if t.dim() == 1 or dtype == torch.float32:
         writer.add_tensor(name, t.float().numpy())
+    elif dtype == Q8_0:  # llama.cpp's own quantizer (gguf-py): blocks of 32 int8 with one fp16 scale
+        qtype = gguf.GGMLQuantizationType.Q8_0
+        writer.add_tensor(name, gguf.quants.quantize(t.float().numpy(), qtype), raw_dtype=qtype)
     else:  # bf16 bits as int16, tagged BF16
         writer.add_tensor(name, t.to(torch.bfloat16).view(torch.int16).numpy(), raw_dtype=gguf.GGMLQuantizationType.BF16)
 
@@ -100,18 +105,20 @@ def _llama(writer, gguf, cfg, sd, dtype):
     put("output.weight", sd["lm_head.weight"])
 
 
-def write_gguf(hf_model, path: str, dtype: torch.dtype) -> str:
-    """hf_model: a transformers GPT2LMHeadModel or LlamaForCausalLM; dtype: torch.float32 or bfloat16."""
+def write_gguf(hf_model, path: str, dtype) -> str:
+    """hf_model: a transformers GPT2LMHeadModel or LlamaForCausalLM; dtype: torch.float32, torch.bfloat16 or
+    "q8_0" (every matrix, embeddings and LM head included, in llama.cpp's Q8_0; vectors in F32)."""
     import gguf
 
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    if dtype not in (torch.float32, torch.bfloat16, Q8_0):
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or {Q8_0!r}, got {dtype!r}")
     cfg = hf_model.config
     arch = {"gpt2": "gpt2", "llama": "llama"}.get(cfg.model_type)
     if arch is None:
         raise ValueError(f"model_type must be gpt2 or llama, got {cfg.model_type!r}")
     writer = gguf.GGUFWriter(path, arch)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == torch.float32 else gguf.LlamaFileType.MOSTLY_BF16)
+    file_types = {torch.float32: "ALL_F32", torch.bfloat16: "MOSTLY_BF16", Q8_0: "MOSTLY_Q8_0"}
+    writer.add_file_type(getattr(gguf.LlamaFileType, file_types[dtype]))
     _add_vocab(writer, gguf, cfg.vocab_size)
     (_gpt2 if arch == "gpt2" else _llama)(writer, gguf, cfg, hf_model.state_dict(), dtype)
     writer.write_header_to_file()

@@ -43,4 +43,26 @@ def test_gguf_export_reads_back(tmp_path, dtype):
     data = (raw if dtype == torch.float32 else raw.view(torch.bfloat16)).float().reshape(hf_q.shape)
     assert torch.equal(data, _permute(hf_q, 4).to(dtype).float())
     assert not torch.equal(_permute(hf_q, 4), hf_q)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="the gguf package is not installed")
+def test_gguf_export_q8_0_reads_back_within_the_format_error(tmp_path):
+    import gguf
+
+    from benchmarks.gguf_export import _permute, write_gguf
+
+    family, kwargs = QUICK["llama-small"]
+    folder = save_random_checkpoint(family, dict(kwargs, num_hidden_layers=1), str(tmp_path / "ckpt"))
+    hf_model = bench_llamacpp.load_hf(family, folder)
+    tensors = {t.name: t for t in gguf.GGUFReader(write_gguf(hf_model, str(tmp_path / "m.gguf"), "q8_0")).tensors}
+    assert {tensors[n].tensor_type.name for n in ("blk.0.attn_q.weight", "token_embd.weight", "output.weight")} == {"Q8_0"}
+    assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
+    q = tensors["blk.0.attn_q.weight"]
+    expected = _permute(hf_model.state_dict()["model.layers.0.self_attn.q_proj.weight"], 4).float()
+    data = torch.from_numpy(gguf.quants.dequantize(q.data, q.tensor_type).copy()).reshape(expected.shape)
+    step = expected.reshape(-1, 32).abs().amax(dim=1, keepdim=True) / 127  # one scale per 32 values, in fp16:
+    error = (data.reshape(-1, 32) - expected.reshape(-1, 32)).abs()  # half a step + 127 x the scale's rounding
+    assert (error <= step * (0.5 + 127 * 2 ** -11) + 1e-6).all() and error.max() > 0
+    with pytest.raises(ValueError, match="dtype must be"):
+        write_gguf(hf_model, str(tmp_path / "x.gguf"), torch.float16)
     # the permutation only reorders rows within each head

@@ -1,4 +1,5 @@
-"""CPU paths of the quantized linears: PyTorch's packed weight-only kernels, or dequantize + F.linear.
+"""CPU paths of the quantized linears: PyTorch's packed weight-only kernels, fastlm's C++ GEMVs, or
+dequantize + F.linear.
 
 Candidates per call, x (M, K) 2-D:
   - "packed": torch.ops.aten._weight_int8pack_mm(x, weight int8, scale in x's dtype), and for int4
@@ -9,18 +10,22 @@ Candidates per call, x (M, K) 2-D:
   - "gemv" (decode sizes, fp32/bf16 x): fastlm's C++ GEMVs (csrc/cpu_quant_gemv.cpp, where they build)
     reading the formats as stored: no repacked copy (a timed int4 "packed" copy is dropped when another
     candidate wins, so the weights take the format's memory).
-  - "dequant": the weight dequantized to x's dtype, then F.linear; for int8 in bf16 instead
+  - "dequant": the weight dequantized to x's dtype, then F.linear (int4: dequantized by the C++ library
+    where it builds, the same values ~50x faster than the PyTorch definition); for int8 in bf16 instead
     F.linear with the integers converted to x's dtype (exact) and the per-channel scale applied to its
     output in fp32: a plain conversion is ~5x faster than torch's mixed int8 x fp32 multiply, and the
     matmul then costs what the bf16 one does (prefill).
-Which is faster depends on the CPU and the activations' dtype: on the development machine (AMD EPYC,
-avx512_bf16, 1 thread, a 2304 x 768 weight) the packed kernels took 43-46 us for one bf16 row against
-109 us for a bf16 F.linear and ~500 us for dequantize + linear, but 1.2-4.7 ms for one fp32 row, and
-5.7-6.9 ms for 128 bf16 rows against 1.6 ms dequantized. So the choice is timed by
-fastlm.kernels.cpu_choice (families "int8_linear" / "int4_linear", key: dtype, decode or prefill size,
-weight shape, threads): the first call for a (format, dtype, size class, shape) on a machine times the candidates on its own
-inputs, the choice is cached on disk for later processes and kept in memory for this one (`choices()`
-shows them); FASTLM_CPU_KERNELS=packed|dequant|gemv forces one.
+Which is faster depends on the CPU, the activations' dtype and the size: on the development machine (AMD
+EPYC, avx512_bf16, 2 threads, GPT-2 shapes) one bf16 row took the C++ GEMVs 15-30% less time than the packed
+kernels when the weights stream from memory (as in a decode step), but more when the weight sits in cache;
+128 bf16 rows took 0.8 ms dequantized (C++) against 1.4 ms packed for a 2304 x 768 int4 weight. So the
+choice is timed by fastlm.kernels.cpu_choice (families "int8_linear" / "int4_linear", key: dtype, decode or
+prefill size, weight shape, threads, the candidates' names), decode sizes with the caches flushed before
+each call: the first call for a (format, dtype, size class, shape) on a machine times the candidates on
+its own inputs, the choice is cached on disk for later processes and kept in memory for this one
+(`choices()` shows them); FASTLM_CPU_KERNELS=packed|dequant|gemv forces one. Under torch.compile a settled
+"gemv" or "dequant" is traced inline (settled_cpu_path); "packed" and unsettled calls stay behind
+quant.py's opaque custom op.
 """
 import weakref
 
