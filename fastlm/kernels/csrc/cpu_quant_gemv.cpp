@@ -320,17 +320,21 @@ void int4_bf16(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale
     B* ys = y.data_ptr<B>() + m0 * N;
     with_rows(std::min<int64_t>(kMaxRows, M - m0), [&](auto rows) {
       constexpr int R = decltype(rows)::value;
+      std::vector<float> group_sums(groups * R);  // this pass's rows' group sums, rows innermost
+      for (int64_t g = 0; g < groups; ++g)
+        for (int m = 0; m < R; ++m) group_sums[g * R + m] = xg[(m0 + m) * groups + g];
       for_rows<B, R>(N, bp, ys, [&](int64_t n, float* sums) {
         const float *s = sp + n * groups, *z = zp + n * groups;
         if (G % 64) int4_rows_bf16<R, 16>(xe.data() + m0 * half, xo.data() + m0 * half, half, groups, G, qp + n * half, s, sums);
         else int4_rows_bf16<R, 32>(xe.data() + m0 * half, xo.data() + m0 * half, half, groups, G, qp + n * half, s, sums);
-        for (int m = 0; m < R; ++m) {  // w = (nibble - 8) s + z, and the dots took (128 + nibble): (z - 136 s) per group
-          const float* xs = xg.data() + (m0 + m) * groups;
-          float offset = 0.f;
-#pragma omp simd reduction(+ : offset)
-          for (int64_t g = 0; g < groups; ++g) offset += (z[g] - 136.f * s[g]) * xs[g];
-          sums[m] += offset;
+        // w = (nibble - 8) s + z, and the dots took (128 + nibble): (z - 136 s) times each group's sum of x, for
+        // all R rows at once (one vector operation per group; per row, this loop took half an 8-row pass)
+        float offsets[R] = {};
+        for (int64_t g = 0; g < groups; ++g) {
+          const float c = z[g] - 136.f * s[g];
+          for (int m = 0; m < R; ++m) offsets[m] += c * group_sums[g * R + m];
         }
+        for (int m = 0; m < R; ++m) sums[m] += offsets[m];
       });
     });
   }
