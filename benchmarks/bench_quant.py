@@ -97,7 +97,8 @@ def bench_decode(configs, device, batch_sizes, prompt_len, new_tokens, repeats, 
             for batch in batch_sizes:
                 # one engine per format, kept across the turns (compile: one compiled step per engine)
                 engines = {fmt: bench_engine(model, batch, prompt_len + new_tokens + 1, compile=compile,
-                                             max_num_batched_tokens=batch * prompt_len) for fmt, model in models.items()}
+                                             max_num_batched_tokens=batch * prompt_len)
+                           for fmt, model in models.items()}
                 runs = {fmt: [] for fmt in DECODE_FORMATS}
                 for _ in range(repeats):
                     for fmt, engine in engines.items():

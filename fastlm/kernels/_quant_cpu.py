@@ -63,13 +63,18 @@ def int4_packed_available() -> bool:
 def int8_linear_cpu(x, weight, scale, bias, dequantize):
     """dequantize: fastlm.kernels.quant.dequantize_int8 (the one definition of the format)."""
     memo = _memo("int8", x, weight.shape)
-    name = _choices.get(memo) or _choose(memo, x, _int8_names(x), lambda n: _int8_run(n, x, weight, scale, bias, dequantize))
+    name = _choices.get(memo) or _choose(memo, x, _int8_names(x),
+                                         lambda n: _int8_run(n, x, weight, scale, bias, dequantize))
     return _int8_run(name, x, weight, scale, bias, dequantize)
+
+
+INT8_PACK_K = 16  # PyTorch 2.13's _weight_int8pack_mm crashed (segmentation fault) for K % 16 != 0 at 2+ rows
 
 
 def _int8_names(x):
     names = ["dequant"]
-    if int8_packed_available() and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+    if int8_packed_available() and x.dtype in (torch.float32, torch.float16, torch.bfloat16) \
+            and x.shape[1] % INT8_PACK_K == 0:
         names.append("packed")
     if _gemv_offered(x):
         names.append("gemv")
@@ -93,6 +98,9 @@ def _scaled_after(y, scale, bias):
 
 
 def int8_packed(x, weight, scale, bias):
+    if x.shape[1] % INT8_PACK_K:
+        raise ValueError(f"the packed int8 kernel takes in_features divisible by {INT8_PACK_K} (PyTorch's "
+                         f"_weight_int8pack_mm crashed on others), got {x.shape[1]}")
     y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight.contiguous(), scale.to(x.dtype))
     return y if bias is None else y + bias.to(y.dtype)
 
@@ -127,6 +135,13 @@ def _int4_run(name, x, weight, scale, zero, bias, dequantize):
     else:
         w = dequantize(weight, scale, zero, x.shape[1], x.dtype)
     return F.linear(x, w, _cast(bias, x))
+
+
+def settled_choice(fmt, x, shape_key):
+    """The candidate chosen for a call of x (M, K) on a weight of shape_key ("NxK") in this process, or
+    None (not timed yet): fastlm.kernels.quant.QuantLinear then runs it without the public function's
+    checks and dispatch (~50 calls per token)."""
+    return _choices.get((fmt, x.dtype, "decode" if x.shape[0] <= DECODE_MAX_ROWS else "prefill", shape_key))
 
 
 def settled_cpu_path(fmt, x, weight_shape):

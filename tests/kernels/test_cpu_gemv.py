@@ -214,3 +214,26 @@ def test_int4_dequantize_is_the_definition_bitwise(dtype, N, K, G):
     q, scale, zero = quantize_int4(torch.randn(N, K), group_size=G)
     got = torch.ops.fastlm_cpu.int4_dequantize(q, scale, zero, K, dtype)
     assert got.dtype == dtype and torch.equal(got, dequantize_int4(q, scale, zero, K, dtype))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quant_linear_runs_its_settled_cpu_path_directly(bits, cpp_kernels, monkeypatch, tmp_path):
+    """Once a call's CPU path is chosen, QuantLinear runs it without the public function (the eager decode
+    hot path); the same values, and anything unusual still goes through the public function's checks."""
+    from fastlm.kernels import _quant_cpu, cpu_choice, quant
+
+    monkeypatch.setenv(cpu_choice.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.setattr(_quant_cpu, "_choices", {})
+    # K = 72 at 6 rows crashed PyTorch's _weight_int8pack_mm while timing (now not offered for K % 16 != 0)
+    module = quant.QuantLinear.from_linear(torch.nn.Linear(72, 40).bfloat16(), bits, group_size=32)
+    x = torch.randn(2, 3, 72, dtype=torch.bfloat16)
+    first = module(x)  # the public function: validates, times the candidates, settles the choice
+    public = {name: getattr(quant, name) for name in ("int8_linear", "int4_linear")}
+    for name in public:
+        monkeypatch.setattr(quant, name, lambda *a, **k: pytest.fail("took the public function"))
+    second = module(x)
+    assert second.shape == (2, 3, 40) and torch.equal(second, first)
+    for name, fn in public.items():
+        monkeypatch.setattr(quant, name, fn)
+    with pytest.raises(ValueError, match="x"):
+        module(torch.randn(3, 40, dtype=torch.bfloat16))
