@@ -64,8 +64,8 @@ def int8_linear_cpu(x, weight, scale, bias, dequantize):
     """dequantize: fastlm.kernels.quant.dequantize_int8 (the one definition of the format)."""
     memo = _memo("int8", x, weight.shape)
     name = _choices.get(memo) or _choose(memo, x, _int8_names(x),
-                                         lambda n: _int8_run(n, x, weight, scale, bias, dequantize))
-    return _int8_run(name, x, weight, scale, bias, dequantize)
+                                         lambda n: run_int8(n, x, weight, scale, bias, dequantize))
+    return run_int8(name, x, weight, scale, bias, dequantize)
 
 
 INT8_PACK_K = 16  # PyTorch 2.13's _weight_int8pack_mm crashed (segmentation fault) for K % 16 != 0 at 2+ rows
@@ -81,7 +81,8 @@ def _int8_names(x):
     return names
 
 
-def _int8_run(name, x, weight, scale, bias, dequantize):
+def run_int8(name, x, weight, scale, bias, dequantize):
+    """x (M, K) @ the int8 weight through the candidate `name` ("gemv" | "packed" | "dequant")."""
     if name == "gemv":
         return torch.ops.fastlm_cpu.int8_gemv(x, weight, scale.float(), _cast(bias, x))
     if name == "packed":
@@ -110,10 +111,10 @@ def int4_linear_cpu(x, weight, scale, zero, bias, dequantize):
     memo = _memo("int4", x, (weight.shape[0], x.shape[1]))
     name = _choices.get(memo)
     if name is None:
-        name = _choose(memo, x, _int4_names(x), lambda n: _int4_run(n, x, weight, scale, zero, bias, dequantize))
+        name = _choose(memo, x, _int4_names(x), lambda n: run_int4(n, x, weight, scale, zero, bias, dequantize))
         if name != "packed":  # timing may have repacked this weight: drop that copy
             _int4_cache.pop(id(weight), None)
-    return _int4_run(name, x, weight, scale, zero, bias, dequantize)
+    return run_int4(name, x, weight, scale, zero, bias, dequantize)
 
 
 def _int4_names(x):
@@ -125,7 +126,8 @@ def _int4_names(x):
     return names
 
 
-def _int4_run(name, x, weight, scale, zero, bias, dequantize):
+def run_int4(name, x, weight, scale, zero, bias, dequantize):
+    """x (M, K) @ the int4 weight through the candidate `name` ("gemv" | "packed" | "dequant")."""
     if name == "gemv":
         return torch.ops.fastlm_cpu.int4_gemv(x, weight, scale.float(), zero.float(), _cast(bias, x))
     if name == "packed":

@@ -121,7 +121,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     if eager_reference(x):  # not traced, no Triton: skip the op dispatch
         y = _int8_linear_untriton(x2, weight, scale, bias)
     elif name := _traced_cpu_path("int8", x2, weight.shape):
-        y = _quant_cpu._int8_run(name, x2, weight, scale, bias, dequantize_int8)
+        y = _quant_cpu.run_int8(name, x2, weight, scale, bias, dequantize_int8)
     else:
         y = int8_linear_op(x2, weight, scale, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
@@ -141,7 +141,7 @@ def int4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero
     if eager_reference(x):  # not traced, no Triton: skip the op dispatch
         y = _int4_linear_untriton(x2, weight, scale, zero, bias)
     elif name := _traced_cpu_path("int4", x2, (weight.shape[0], x2.shape[1])):
-        y = _quant_cpu._int4_run(name, x2, weight, scale, zero, bias, dequantize_int4)
+        y = _quant_cpu.run_int4(name, x2, weight, scale, zero, bias, dequantize_int4)
     else:
         y = int4_linear_op(x2, weight, scale, zero, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
@@ -312,9 +312,9 @@ class QuantLinear(nn.Module):
         if name is None:
             return None
         if self.bits == 8:
-            y = _quant_cpu._int8_run(name, x2, self.weight, self.weight_scale, self.bias, dequantize_int8)
+            y = _quant_cpu.run_int8(name, x2, self.weight, self.weight_scale, self.bias, dequantize_int8)
         else:
-            y = _quant_cpu._int4_run(name, x2, self.weight, self.weight_scale, self.weight_zero, self.bias,
+            y = _quant_cpu.run_int4(name, x2, self.weight, self.weight_scale, self.weight_zero, self.bias,
                                      dequantize_int4)
         return y.view(*x.shape[:-1], self.out_features)
 
