@@ -74,6 +74,24 @@ def test_two_compiled_models_of_one_structure_run_their_own_weights(cpu_llms, re
     assert second.runner.graphs.choices == {1: "compiled"}
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_compiled_quantized_steps_give_the_eager_tokens(bits, cpu_llms, cpp_kernels, monkeypatch, tmp_path):
+    # under torch.compile the quantized linears' settled CPU path (the C++ GEMV) is traced inline
+    from fastlm.kernels.quant import QuantLinear
+    from fastlm.model.quantize import QuantConfig, quantize_model
+
+    monkeypatch.setenv(cpu_choice.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.setenv(cpu_choice.ENV_FORCE, "compiled")
+    llm = cpu_llms["llama_gqa"]
+    model = quantize_model(copy.deepcopy(llm.model), QuantConfig(bits, 32 if bits == 4 else None, True))
+    assert any(isinstance(m, QuantLinear) for m in model.modules())
+    prompts = PROMPTS[4:5]
+    eager = Engine(model, llm.eos_token_ids, llm.tokenizer, max_num_seqs=4)
+    compiled = Engine(model, llm.eos_token_ids, llm.tokenizer, compile=True, max_num_seqs=4)
+    assert generate(compiled, prompts) == generate(eager, prompts)
+    assert compiled.runner.graphs.compile_error is None and compiled.runner.graphs.choices == {1: "compiled"}
+
+
 def test_forced_eager_never_compiles(cpu_llms, reference_kernels, monkeypatch):
     monkeypatch.setenv(cpu_choice.ENV_FORCE, "eager")
     monkeypatch.setattr(CompiledDecodeSteps, "_run_compiled", lambda *a: pytest.fail("compiled under eager"))
