@@ -62,7 +62,7 @@ def int4_packed_available() -> bool:
 
 def int8_linear_cpu(x, weight, scale, bias, dequantize):
     """dequantize: fastlm.kernels.quant.dequantize_int8 (the one definition of the format)."""
-    memo = _memo("int8", x, weight.shape)
+    memo = _memo("int8", x, shape_key(weight.shape))
     name = _choices.get(memo) or _choose(memo, x, _int8_names(x),
                                          lambda n: run_int8(n, x, weight, scale, bias, dequantize))
     return run_int8(name, x, weight, scale, bias, dequantize)
@@ -108,7 +108,7 @@ def int8_packed(x, weight, scale, bias):
 
 def int4_linear_cpu(x, weight, scale, zero, bias, dequantize):
     """dequantize: fastlm.kernels.quant.dequantize_int4."""
-    memo = _memo("int4", x, (weight.shape[0], x.shape[1]))
+    memo = _memo("int4", x, shape_key((weight.shape[0], x.shape[1])))
     name = _choices.get(memo)
     if name is None:
         name = _choose(memo, x, _int4_names(x), lambda n: run_int4(n, x, weight, scale, zero, bias, dequantize))
@@ -139,11 +139,11 @@ def run_int4(name, x, weight, scale, zero, bias, dequantize):
     return F.linear(x, w, _cast(bias, x))
 
 
-def settled_choice(fmt, x, shape_key):
-    """The candidate chosen for a call of x (M, K) on a weight of shape_key ("NxK") in this process, or
-    None (not timed yet): fastlm.kernels.quant.QuantLinear then runs it without the public function's
-    checks and dispatch (~50 calls per token)."""
-    return _choices.get((fmt, x.dtype, "decode" if x.shape[0] <= DECODE_MAX_ROWS else "prefill", shape_key))
+def settled_choice(fmt, x, shape):
+    """The candidate chosen for a call of x (M, K) on a weight of `shape` ("NxK", see shape_key) in this
+    process, or None (not timed yet): fastlm.kernels.quant.QuantLinear then runs it without the public
+    function's checks and dispatch (~50 calls per token)."""
+    return _choices.get(_memo(fmt, x, shape))
 
 
 def settled_cpu_path(fmt, x, weight_shape):
@@ -151,7 +151,7 @@ def settled_cpu_path(fmt, x, weight_shape):
     run it inline ("gemv": a custom op with a fake; "dequant": plain torch ops), else None: the opaque
     fastlm::int*_linear op, whose Python dispatch costs ~14 us a call in a compiled step ("packed" keeps
     it: its repacked-weight cache is not traceable)."""
-    name = _choices.get(_memo(fmt, x, weight_shape))
+    name = settled_choice(fmt, x, shape_key(weight_shape))
     return name if name in ("gemv", "dequant") else None
 
 
@@ -195,11 +195,16 @@ def _int4_packed(weight, scale, zero, dtype):
     return value
 
 
-def _memo(fmt, x, weight_shape):
-    """(fmt, x's dtype, x's size class, the weight's shape): one choice for every layer of a shape.
+def shape_key(weight_shape) -> str:
+    """(N, K) -> "NxK", the shape in choices' keys."""
+    return "x".join(map(str, weight_shape))
+
+
+def _memo(fmt, x, shape):
+    """(fmt, x's dtype, x's size class, shape_key): one choice for every layer of a shape.
     Per shape: one choice for every layer picked dequantize + linear for a 32000-row int8 LM head after
     timing a 768-wide layer (converting the whole head each step)."""
-    return fmt, x.dtype, "decode" if x.shape[0] <= DECODE_MAX_ROWS else "prefill", "x".join(map(str, weight_shape))
+    return fmt, x.dtype, "decode" if x.shape[0] <= DECODE_MAX_ROWS else "prefill", shape
 
 
 def _choose(memo, x, names, run):

@@ -265,6 +265,7 @@ class QuantLinear(nn.Module):
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {bits!r}")
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self._shape_key = _quant_cpu.shape_key((out_features, in_features))  # its CPU choices' key
         self.group_size = group_size if bits == 4 else None
         N, K = out_features, in_features
         if bits == 8:
@@ -308,7 +309,7 @@ class QuantLinear(nn.Module):
             return None
         x2 = x.reshape(-1, self.in_features)
         fmt = "int8" if self.bits == 8 else "int4"
-        name = _quant_cpu.settled_choice(fmt, x2, f"{self.out_features}x{self.in_features}")
+        name = _quant_cpu.settled_choice(fmt, x2, self._shape_key)
         if name is None:
             return None
         if self.bits == 8:

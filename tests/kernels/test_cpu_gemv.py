@@ -233,6 +233,11 @@ def test_quant_linear_runs_its_settled_cpu_path_directly(bits, cpp_kernels, monk
         monkeypatch.setattr(quant, name, lambda *a, **k: pytest.fail("took the public function"))
     second = module(x)
     assert second.shape == (2, 3, 40) and torch.equal(second, first)
+    if bits == 8:
+        w = dequantize_int8(module.weight, module.weight_scale)
+    else:
+        w = dequantize_int4(module.weight, module.weight_scale, module.weight_zero, 72)
+    _close(second.view(6, 40), _quant_exact(x.view(6, 72), w, module.bias), torch.bfloat16)  # against fp64
     for name, fn in public.items():
         monkeypatch.setattr(quant, name, fn)
     with pytest.raises(ValueError, match="x"):

@@ -183,6 +183,26 @@ def _threads_with_an_abort(llm, prompts):
     return results, errors
 
 
+def test_threads_sharing_a_quantized_llm_with_an_abort(checkpoints, cpp_kernels, monkeypatch, tmp_path):
+    """Four threads on one int4 LLM (the C++ GEMVs, QuantLinear's settled path, the kernel choice timed
+    while they run), one of them dropping its stream half-way: each finished call gets the text the same
+    quantized model gives alone, and every block is free after."""
+    monkeypatch.setenv(cpu_choice.ENV_CACHE_DIR, str(tmp_path))
+    path, options = str(checkpoints["llama_gqa"][0]), dict(dtype="float32", device="cpu", quantize="int4-g32")
+    alone = fastlm.LLM(path, **options)
+    try:
+        solo = {p: alone.generate(p, max_new_tokens=20, temperature=0) for p in THREAD_PROMPTS}
+    finally:
+        alone.close()
+    llm = fastlm.LLM(path, max_num_seqs=2, **options)
+    try:
+        results, errors = _threads_with_an_abort(llm, THREAD_PROMPTS)
+        assert errors == [] and results == solo
+        assert_all_free(llm.engine)
+    finally:
+        llm.close()
+
+
 def test_threads_sharing_a_compiled_llm_with_an_abort(checkpoints, cpu_llms, reference_kernels, monkeypatch):
     """Four threads on one LLM(compile=True) (steps of 1 and 2 rows, compiled), one of them dropping its
     stream half-way: each finished call gets the eager LLM's text, and every block is free after."""

@@ -214,11 +214,29 @@ void with_rows(int64_t rows, Fn fn) {
   }
 }
 
+// fn(m0, std::integral_constant<int, R>) for each pass over the weights: x rows m0 .. m0 + R - 1, R <= kMaxRows.
+template <typename Fn>
+void over_passes(int64_t M, Fn fn) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) with_rows(std::min<int64_t>(kMaxRows, M - m0), [&](auto rows) { fn(m0, rows); });
+}
+
+
 void check_x(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t N) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "fastlm_cpu quantized gemv: x (M, K) fp32 or bf16 on the CPU");
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == x.scalar_type()),
               "fastlm_cpu quantized gemv: bias (N,) in x's dtype");
+}
+
+// The int4 format's tensors (quant.py) for K input columns; op names the caller in the messages.
+void check_int4(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero, int64_t K, const char* op) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.device().is_cpu(), op, ": q uint8 (N, Kp/2) on the CPU");
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == q.size(0) && scale.scalar_type() == at::kFloat && scale.size(1) > 0 &&
+              scale.device().is_cpu() && zero.sizes() == scale.sizes() && zero.scalar_type() == at::kFloat &&
+              zero.device().is_cpu(), op, ": scale, zero fp32 (N, groups) on the CPU");
+  const int64_t Kp = 2 * q.size(1), groups = scale.size(1);
+  TORCH_CHECK(Kp % groups == 0 && (Kp / groups) % 32 == 0, op, ": group size a multiple of 32");
+  TORCH_CHECK(K <= Kp && K > Kp - Kp / groups, op, ": K within the last group");
 }
 
 template <typename T>
@@ -234,20 +252,18 @@ void int8_typed(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scal
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   const T* bp = bias.defined() ? bias.data_ptr<T>() : nullptr;
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+  over_passes(M, [&](int64_t m0, auto rows) {
+    constexpr int R = decltype(rows)::value;
     T* ys = y.data_ptr<T>() + m0 * N;
-    with_rows(std::min<int64_t>(kMaxRows, M - m0), [&](auto rows) {
-      constexpr int R = decltype(rows)::value;
-      for_rows<T, R>(N, bp, ys, [&](int64_t n, float* sums) {
+    for_rows<T, R>(N, bp, ys, [&](int64_t n, float* sums) {
 #ifdef FASTLM_BF16_DOT
-        if (bf16_dot) int8_rows_bf16<R>(xb.data_ptr<at::BFloat16>() + m0 * Kw, Kw, qp + n * K, K, sums);
-        else
+      if (bf16_dot) int8_rows_bf16<R>(xb.data_ptr<at::BFloat16>() + m0 * Kw, Kw, qp + n * K, K, sums);
+      else
 #endif
-          int8_rows<R>(xf.data() + m0 * Kw, Kw, qp + n * K, K, sums);
-        for (int m = 0; m < R; ++m) sums[m] *= sp[n];
-      });
+        int8_rows<R>(xf.data() + m0 * Kw, Kw, qp + n * K, K, sums);
+      for (int m = 0; m < R; ++m) sums[m] *= sp[n];
     });
-  }
+  });
 }
 
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const c10::optional<at::Tensor>& bias) {
@@ -279,16 +295,14 @@ void int4_typed(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scal
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float *sp = scale.data_ptr<float>(), *zp = zero.data_ptr<float>();
   const T* bp = bias.defined() ? bias.data_ptr<T>() : nullptr;
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+  over_passes(M, [&](int64_t m0, auto rows) {
+    constexpr int R = decltype(rows)::value;
     T* ys = y.data_ptr<T>() + m0 * N;
-    with_rows(std::min<int64_t>(kMaxRows, M - m0), [&](auto rows) {
-      constexpr int R = decltype(rows)::value;
-      for_rows<T, R>(N, bp, ys, [&](int64_t n, float* sums) {
-        int4_rows<R>(xe.data() + m0 * half, xo.data() + m0 * half, xg.data() + m0 * groups, half, groups, G,
-                     qp + n * half, sp + n * groups, zp + n * groups, sums);
-      });
+    for_rows<T, R>(N, bp, ys, [&](int64_t n, float* sums) {
+      int4_rows<R>(xe.data() + m0 * half, xo.data() + m0 * half, xg.data() + m0 * groups, half, groups, G,
+                   qp + n * half, sp + n * groups, zp + n * groups, sums);
     });
-  }
+  });
 }
 
 #ifdef FASTLM_BF16_DOT
@@ -316,39 +330,33 @@ void int4_bf16(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float *sp = scale.data_ptr<float>(), *zp = zero.data_ptr<float>();
   const B* bp = bias.defined() ? bias.data_ptr<B>() : nullptr;
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+  over_passes(M, [&](int64_t m0, auto rows) {
+    constexpr int R = decltype(rows)::value;
     B* ys = y.data_ptr<B>() + m0 * N;
-    with_rows(std::min<int64_t>(kMaxRows, M - m0), [&](auto rows) {
-      constexpr int R = decltype(rows)::value;
-      std::vector<float> group_sums(groups * R);  // this pass's rows' group sums, rows innermost
-      for (int64_t g = 0; g < groups; ++g)
-        for (int m = 0; m < R; ++m) group_sums[g * R + m] = xg[(m0 + m) * groups + g];
-      for_rows<B, R>(N, bp, ys, [&](int64_t n, float* sums) {
-        const float *s = sp + n * groups, *z = zp + n * groups;
-        if (G % 64) int4_rows_bf16<R, 16>(xe.data() + m0 * half, xo.data() + m0 * half, half, groups, G, qp + n * half, s, sums);
-        else int4_rows_bf16<R, 32>(xe.data() + m0 * half, xo.data() + m0 * half, half, groups, G, qp + n * half, s, sums);
-        // w = (nibble - 8) s + z, and the dots took (128 + nibble): (z - 136 s) times each group's sum of x, for
-        // all R rows at once (one vector operation per group; per row, this loop took half an 8-row pass)
-        float offsets[R] = {};
-        for (int64_t g = 0; g < groups; ++g) {
-          const float c = z[g] - 136.f * s[g];
-          for (int m = 0; m < R; ++m) offsets[m] += c * group_sums[g * R + m];
-        }
-        for (int m = 0; m < R; ++m) sums[m] += offsets[m];
-      });
+    std::vector<float> group_sums(groups * R);  // this pass's rows' group sums, rows innermost
+    for (int64_t g = 0; g < groups; ++g)
+      for (int m = 0; m < R; ++m) group_sums[g * R + m] = xg[(m0 + m) * groups + g];
+    for_rows<B, R>(N, bp, ys, [&](int64_t n, float* sums) {
+      const float *s = sp + n * groups, *z = zp + n * groups;
+      if (G % 64) int4_rows_bf16<R, 16>(xe.data() + m0 * half, xo.data() + m0 * half, half, groups, G, qp + n * half, s, sums);
+      else int4_rows_bf16<R, 32>(xe.data() + m0 * half, xo.data() + m0 * half, half, groups, G, qp + n * half, s, sums);
+      // w = (nibble - 8) s + z, and the dots took (128 + nibble): (z - 136 s) times each group's sum of x, for
+      // all R rows at once (one vector operation per group; per row, this loop took half an 8-row pass)
+      float offsets[R] = {};
+      for (int64_t g = 0; g < groups; ++g) {
+        const float c = z[g] - 136.f * s[g];
+        for (int m = 0; m < R; ++m) offsets[m] += c * group_sums[g * R + m];
+      }
+      for (int m = 0; m < R; ++m) sums[m] += offsets[m];
     });
-  }
+  });
 }
 #endif
 
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
                      const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.device().is_cpu(), "fastlm_cpu::int4_gemv: q uint8 (N, Kp/2)");
-  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == q.size(0) && scale.scalar_type() == at::kFloat && scale.size(1) > 0 &&
-              zero.sizes() == scale.sizes() && zero.scalar_type() == at::kFloat, "fastlm_cpu::int4_gemv: scale, zero fp32 (N, groups)");
-  const int64_t Kp = 2 * q.size(1), groups = scale.size(1);
-  TORCH_CHECK(Kp % groups == 0 && (Kp / groups) % 32 == 0, "fastlm_cpu::int4_gemv: group size a multiple of 32");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) <= Kp && x.size(1) > Kp - Kp / groups, "fastlm_cpu::int4_gemv: x (M, K) within the last group");
+  TORCH_CHECK(x.dim() == 2, "fastlm_cpu::int4_gemv: x (M, K)");
+  check_int4(q, scale, zero, x.size(1), "fastlm_cpu::int4_gemv");
   check_x(x, bias, q.size(0));
   at::Tensor y = at::empty({x.size(0), q.size(0)}, x.options());
   if (y.numel() == 0) return y;
@@ -395,12 +403,8 @@ void dequantize_rows(const uint8_t* q, const float* scale, const float* zero, in
 
 at::Tensor int4_dequantize(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero, int64_t K,
                            at::ScalarType dtype) {
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.device().is_cpu(), "fastlm_cpu::int4_dequantize: q uint8 (N, Kp/2)");
-  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == q.size(0) && scale.scalar_type() == at::kFloat && scale.size(1) > 0 &&
-              zero.sizes() == scale.sizes() && zero.scalar_type() == at::kFloat, "fastlm_cpu::int4_dequantize: scale, zero fp32 (N, groups)");
+  check_int4(q, scale, zero, K, "fastlm_cpu::int4_dequantize");
   const int64_t N = q.size(0), half = q.size(1), groups = scale.size(1);
-  TORCH_CHECK((2 * half) % groups == 0 && K <= 2 * half && K > 2 * half - 2 * half / groups,
-              "fastlm_cpu::int4_dequantize: K within the last group");
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "fastlm_cpu::int4_dequantize: dtype fp32/bf16/fp16");
   at::Tensor w = at::empty({N, K}, q.options().dtype(dtype));
   const at::Tensor qc = q.contiguous(), sc = scale.contiguous(), zc = zero.contiguous();
