@@ -223,11 +223,13 @@ def test_quant_linear_runs_its_settled_cpu_path_directly(bits, cpp_kernels, monk
     from fastlm.kernels import _quant_cpu, cpu_choice, quant
 
     monkeypatch.setenv(cpu_choice.ENV_CACHE_DIR, str(tmp_path))
+    # the C++ GEMV, whatever timing would pick: its one bf16 rounding is what _close allows ("dequant" in bf16
+    # rounds twice); the choice is recorded and settled as a timed one is
+    monkeypatch.setenv(cpu_choice.ENV_FORCE, "gemv")
     monkeypatch.setattr(_quant_cpu, "_choices", {})
-    # K = 72 at 6 rows crashed PyTorch's _weight_int8pack_mm while timing (now not offered for K % 16 != 0)
     module = quant.QuantLinear.from_linear(torch.nn.Linear(72, 40).bfloat16(), bits, group_size=32)
     x = torch.randn(2, 3, 72, dtype=torch.bfloat16)
-    first = module(x)  # the public function: validates, times the candidates, settles the choice
+    first = module(x)  # the public function: validates, settles the choice
     public = {name: getattr(quant, name) for name in ("int8_linear", "int4_linear")}
     for name in public:
         monkeypatch.setattr(quant, name, lambda *a, **k: pytest.fail("took the public function"))
@@ -242,3 +244,18 @@ def test_quant_linear_runs_its_settled_cpu_path_directly(bits, cpp_kernels, monk
         monkeypatch.setattr(quant, name, fn)
     with pytest.raises(ValueError, match="x"):
         module(torch.randn(3, 40, dtype=torch.bfloat16))
+
+
+def test_packed_int8_is_not_timed_where_it_crashed(cpp_kernels, monkeypatch, tmp_path):
+    """PyTorch 2.13's _weight_int8pack_mm ended the process (segmentation fault) for K = 72 at 6 rows while
+    fastlm timed the candidates: layers with K % 16 != 0 are timed without it, and give the fp64 values."""
+    from fastlm.kernels import _quant_cpu, cpu_choice, int8_linear
+
+    monkeypatch.setenv(cpu_choice.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.delenv(cpu_choice.ENV_FORCE, raising=False)
+    monkeypatch.setattr(_quant_cpu, "_choices", {})
+    x, w, b = _inputs((6,), 72, 40, torch.float32, True)
+    q, scale = quantize_int8(w.float())
+    assert "packed" not in _quant_cpu._int8_names(x)
+    _close(int8_linear(x, q, scale, b), _quant_exact(x, dequantize_int8(q, scale), b), torch.float32)  # timed
+    assert ("int8", torch.float32, "decode", "40x72") in _quant_cpu.choices()
