@@ -126,7 +126,9 @@ PREFILL_CASES = [
 # fastlm's C++ CPU decode kernel (one query per row, fp32/bf16; fastlm.kernels._cpu_ext)
 
 
-ONE_QUERY_CASES = [case for case in DECODE_CASES if case[0] == 1] + [(1, 12, 12, 64, [80]), (1, 5, 1, 17, [3, 1, 50])]
+ONE_QUERY_CASES = [case for case in DECODE_CASES if case[0] == 1] + [(1, 12, 12, 64, [80]), (1, 5, 1, 17, [3, 1, 50]),
+                                                                    # GQA rows around the 16-token chunks
+                                                                    (1, 6, 2, 32, [16, 1, 31, 32, 33, 5, 48, 2, 17])]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
