@@ -163,13 +163,16 @@ def sample(scores: torch.Tensor, params: SamplingParams, generator: Optional[tor
 
 
 def next_tokens(logits, params: SamplingParams, generator=None, seen=None, vocab_size=None) -> torch.Tensor:
-    """The model's last-position logits (B, V) -> next ids (B,). Greedy without a penalty skips the
-    fp32 copy entirely (argmax of the raw logits). vocab_size < V: only ids below it can be drawn (a
-    vocabulary padded beyond the tokenizer's tokens, e.g. to a multiple of 64)."""
+    """The model's last-position logits (B, V) -> next ids (B,). Greedy without a penalty is the argmax
+    of the raw logits (on a GPU without an fp32 copy; aten's CPU argmax over bf16/fp16 took ~5x as long as
+    the exact fp32 copy plus its argmax: 165 vs 34 us for GPT-2's 50257). vocab_size < V: only ids below it
+    can be drawn (a vocabulary padded beyond the tokenizer's tokens, e.g. to a multiple of 64)."""
     if vocab_size is not None and vocab_size < logits.shape[-1]:
         logits = logits[:, :vocab_size]
         seen = None if seen is None else seen[:, :vocab_size]
     if params.greedy and params.repetition_penalty == 1.0:
+        if logits.device.type == "cpu" and logits.dtype in (torch.bfloat16, torch.float16):
+            logits = logits.float()
         return torch.argmax(logits, dim=-1)
     return sample(process_logits(logits, params, seen), params, generator)
 

@@ -67,6 +67,16 @@ def test_greedy_and_top_k_1_are_argmax():
     assert torch.equal(next_tokens(logits, SamplingParams(temperature=1.5, top_k=1), gen), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_greedy_in_half_precision_keeps_the_first_of_tied_maxima(dtype):
+    logits = torch.randn(3, 50).to(dtype)
+    logits[0, [7, 30]] = 9.0  # a tie: argmax's first index, with or without an fp32 copy
+    logits[1, 2:] = -float("inf")
+    logits[2, :] = 0.0
+    ids = next_tokens(logits, SamplingParams(temperature=0))
+    assert ids.tolist() == [7, int(logits[1, :2].float().argmax()), 0]
+
+
 def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])
     logits = probs.log().expand(40000, -1)
