@@ -187,14 +187,26 @@ void attend_in_chunks(const T* q, const T* k_cache, const T* v_cache, const int3
 #endif
     }
   };
+  // The pools are cold in decode (a step streams the weights between two layers' attention): each chunk's
+  // lines are requested one chunk ahead (2 or 4 measured the same). 8 rows of 1000 tokens with cold caches:
+  // 0.46 -> 0.29 ms; without, a row's blocks were read at ~18 GB/s.
+  auto prefetch_chunk = [&](const T* cache, int64_t t0) {
+    for (int64_t t = t0; t < std::min(length, t0 + kChunk); ++t)
+      for (int64_t b = 0; b < width * static_cast<int64_t>(sizeof(T)); b += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(cache + offset[t]) + b);
+  };
+  prefetch_chunk(k_cache, 0);
   for (int64_t t0 = 0; t0 < length; t0 += kChunk) {
     const int64_t n = std::min(kChunk, length - t0);
+    prefetch_chunk(k_cache, t0 + kChunk);
     widen_chunk(k_cache, t0, n);
     chunk_scores(qf.data(), rows, G, D, wide.data(), width, n, scores.data(), length, t0);
   }
+  prefetch_chunk(v_cache, 0);
   for (int64_t r = 0; r < rows; ++r) total[r] = softmax_numerators(scores.data() + r * length, length);
   for (int64_t t0 = 0; t0 < length; t0 += kChunk) {
     const int64_t n = std::min(kChunk, length - t0);
+    prefetch_chunk(v_cache, t0 + kChunk);
     widen_chunk(v_cache, t0, n);
     chunk_values(scores.data(), length, t0, rows, G, D, wide.data(), width, n, acc.data());
   }
