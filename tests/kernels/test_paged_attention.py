@@ -166,6 +166,24 @@ def test_decode_cpp_never_reads_outside_the_pool(tables, seqlens, match, cpp_ker
         paged_decode_attention(**args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_write_op_runs_the_cpp_kernel_on_views_of_qkv(dtype, cpp_kernels):
+    """fastlm::paged_kv_write (the op compiled steps call) writes rows of strided k/v views in C++."""
+    k_cache, v_cache = torch.zeros(3, 7, 2, 24, dtype=dtype), torch.zeros(3, 7, 2, 24, dtype=dtype)
+    qkv = torch.randn(4, 6, 24).to(dtype)
+    k, v = qkv[:, 2:4], qkv[:, 4:6]  # like a fused qkv projection's slices: rows 144 values apart
+    slots = torch.tensor([20, 0, 13, 7])
+    _, ops = ops_run(lambda: torch.ops.fastlm.paged_kv_write(k_cache, v_cache, slots, k, v))
+    assert "aten::index_copy_" not in ops
+    assert torch.equal(k_cache.view(-1, 2, 24)[slots], k) and torch.equal(v_cache.view(-1, 2, 24)[slots], v)
+    assert k_cache.view(-1, 2, 24)[[1, 2, 8, 19]].abs().sum() == 0  # nothing else written
+    transposed = torch.randn(2, 24, 4).to(dtype).permute(2, 0, 1)  # not rows: the index_copy_ path
+    torch.ops.fastlm.paged_kv_write(k_cache, v_cache, slots, transposed, transposed)
+    assert torch.equal(k_cache.view(-1, 2, 24)[slots], transposed)
+    with pytest.raises(RuntimeError, match=r"slot_mapping\[1\] = 21 outside the pool of 21 slots"):
+        torch.ops.fastlm.paged_kv_write(k_cache, v_cache, torch.tensor([0, 21, 1, 2]), k, v)
+
+
 def test_decode_cpp_traced_by_torch_compile(cpp_kernels):
     args = _decode_args(q=torch.randn(2, 1, 4, 32), check_values=False)
     compiled = torch.compile(lambda **a: paged_decode_attention(**a) * 2, fullgraph=True, backend="aot_eager")
