@@ -166,6 +166,27 @@ def test_decode_cpp_never_reads_outside_the_pool(tables, seqlens, match, cpp_ker
         paged_decode_attention(**args)
 
 
+def test_decode_table_check_in_cpp_agrees_with_the_aten_one(cpp_kernels):
+    """check_decode_values' one C++ pass flags exactly the tables the aten checks reject (boundaries
+    included: lengths Sq and capacity, entries past the used ones), and the messages stay the aten ones."""
+    from fastlm.kernels.paged_attention import _bad_table_entries, check_decode_values
+
+    gen = torch.Generator().manual_seed(0)
+    k_cache = torch.zeros(6, 4, 1, 8)  # 6 blocks of 4 slots
+    for _ in range(300):
+        B, W, Sq = (int(torch.randint(low, high, (1,), generator=gen)) for low, high in ((1, 5), (1, 4), (1, 3)))
+        tables = torch.randint(-1, 8, (B, W), generator=gen, dtype=torch.int32)
+        seqlens = torch.randint(0, W * 4 + 2, (B,), generator=gen, dtype=torch.int32)
+        expected = (bool(((seqlens < Sq) | (seqlens > W * 4)).any())
+                    or bool(_bad_table_entries(tables, seqlens, k_cache).any()))
+        assert torch.ops.fastlm_cpu.decode_tables_bad(tables, seqlens, 6, 4, Sq, W * 4) == expected, (tables, seqlens, Sq)
+        if expected:
+            with pytest.raises(ValueError, match="seqlens must be in|is not a block of the pool"):
+                check_decode_values(Sq, k_cache, tables, seqlens)
+        else:
+            check_decode_values(Sq, k_cache, tables, seqlens)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_write_op_runs_the_cpp_kernel_on_views_of_qkv(dtype, cpp_kernels):
     """fastlm::paged_kv_write (the op compiled steps call) writes rows of strided k/v views in C++."""
