@@ -15,9 +15,11 @@ llama.cpp runs in a subprocess driven over a pipe (one JSON line per request): i
 segmentation fault was seen with Q8_0 on an AMX machine), the row says so and the benchmark goes on.
 
     pip install 'fastlm[llamacpp]'     # llama-cpp-python (builds llama.cpp with CMake) and gguf
-    python benchmarks/bench_llamacpp.py [--threads 2] [--quick] [--compile]
+    python benchmarks/bench_llamacpp.py [--threads 2] [--quick] [--no-compile]
+Threads default to the physical cores; decode steps compile where timed faster (--no-compile: eager).
 Writes benchmarks/out/bench_llamacpp.csv and .png. Exit code 2 when llama_cpp is not installed.
 """
+import argparse
 import importlib.util
 import json
 import os
@@ -195,8 +197,9 @@ def main(argv=None):
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--models", nargs="+", default=None, help="subset of the model names")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--compile", action="store_true",
-                        help="fastlm decode steps through torch.compile where timed faster (LLM(compile=True))")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="fastlm decode steps through torch.compile where timed faster (LLM(compile=True), "
+                             "the default: the issue's configuration); --no-compile: eager steps")
     args = parser.parse_args(argv)
     if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None:
         print(INSTALL_HINT, file=sys.stderr)
