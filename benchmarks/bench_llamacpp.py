@@ -192,8 +192,7 @@ def _step_choice(llm) -> str:
 
 
 def main(argv=None):
-    parser = base_parser(__doc__.splitlines()[0])
-    parser.set_defaults(threads=None)
+    parser = base_parser(__doc__.splitlines()[0], threads_default=None)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--models", nargs="+", default=None, help="subset of the model names")
     parser.add_argument("--rounds", type=int, default=5)

@@ -10,6 +10,7 @@ import csv
 import os
 import statistics
 import time
+from typing import Optional
 
 import torch
 
@@ -20,15 +21,17 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
-    """The arguments every benchmark shares: --device, --out, --quick."""
+def base_parser(description: str, threads_default: Optional[int] = 1) -> argparse.ArgumentParser:
+    """The arguments every benchmark shares: --device, --out, --quick, --threads (threads_default None:
+    the physical cores, resolved by the benchmark)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device(),
                         help="where to run (default: cuda when available)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="folder for the CSV and PNG (default: benchmarks/out/)")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch (default 1: steadier timings on a shared machine)")
+    parser.add_argument("--threads", type=int, default=threads_default,
+                        help="CPU threads for torch (default 1: steadier timings on a shared machine)"
+                        if threads_default == 1 else "CPU threads for torch (default: the physical cores)")
     return parser
 
 
