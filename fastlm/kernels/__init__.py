@@ -18,6 +18,7 @@ Layout: one family per public file over a private kernel module; imports run one
            _quant_cpu.py           the quantized linears' CPU paths (PyTorch's packed kernels, timed)
            _cpu_ext.py, csrc/      fastlm's C++ CPU kernels (GEMV, paged decode attention): built per machine
     gemv.py                        the CPU GEMV's public function (decode-sized linears at memory bandwidth)
+    argmax.py                      greedy picks over logits rows (C++ on CPU, torch.argmax elsewhere)
           -> _utils.py             dispatch rule (use_triton), argument checks, launch helpers, Launch
     compile_check.py               ahead-of-time compile of every module in its KERNEL_MODULES
 
@@ -27,6 +28,7 @@ private `_family.py` (kernels + launchers + LAUNCHES, one line in compile_check.
 its reference, op and public function in a public file; it imports only downwards and no private
 (underscored) name from another module: private modules export their launchers without an underscore.
 """
+from fastlm.kernels.argmax import argmax_rows
 from fastlm.kernels.attention import attention_ref, decode_attention, flash_attention
 from fastlm.kernels.gemv import cpu_gemv, cpu_gemv_available, cpu_gemv_ref
 from fastlm.kernels.paged_attention import paged_decode_attention, paged_kv_write, paged_prefill_attention
@@ -40,5 +42,5 @@ __all__ = [
     "attention_ref", "flash_attention", "decode_attention",
     "paged_decode_attention", "paged_kv_write", "paged_prefill_attention", "patch", "PatchReport",
     "quantize_int8", "quantize_int4", "dequantize_int8", "dequantize_int4", "int8_linear", "int4_linear",
-    "QuantLinear", "QuantEmbedding", "cpu_gemv", "cpu_gemv_ref", "cpu_gemv_available",
+    "QuantLinear", "QuantEmbedding", "cpu_gemv", "cpu_gemv_ref", "cpu_gemv_available", "argmax_rows",
 ]

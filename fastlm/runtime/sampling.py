@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from fastlm.kernels.argmax import argmax_rows
 from fastlm.model.validation import check_int, check_number, check_seed
 
 
@@ -155,7 +156,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: Optional[
 def sample(scores: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator] = None):
     """scores (B, V) from process_logits -> token ids (B,) int64, on the scores' device, no sync."""
     if params.greedy:
-        return torch.argmax(scores, dim=-1)
+        return argmax_rows(scores)
     probs = torch.softmax(scores, dim=-1)
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)
     race.clamp_min_(torch.finfo(race.dtype).tiny)  # an exact 0 would turn a masked 0/0 into nan
@@ -163,17 +164,14 @@ def sample(scores: torch.Tensor, params: SamplingParams, generator: Optional[tor
 
 
 def next_tokens(logits, params: SamplingParams, generator=None, seen=None, vocab_size=None) -> torch.Tensor:
-    """The model's last-position logits (B, V) -> next ids (B,). Greedy without a penalty is the argmax
-    of the raw logits (on a GPU without an fp32 copy; aten's CPU argmax over bf16/fp16 took ~5x as long as
-    the exact fp32 copy plus its argmax: 165 vs 34 us for GPT-2's 50257). vocab_size < V: only ids below it
-    can be drawn (a vocabulary padded beyond the tokenizer's tokens, e.g. to a multiple of 64)."""
+    """The model's last-position logits (B, V) -> next ids (B,). Greedy without a penalty skips the
+    fp32 copy entirely (argmax of the raw logits). vocab_size < V: only ids below it can be drawn (a
+    vocabulary padded beyond the tokenizer's tokens, e.g. to a multiple of 64)."""
     if vocab_size is not None and vocab_size < logits.shape[-1]:
         logits = logits[:, :vocab_size]
         seen = None if seen is None else seen[:, :vocab_size]
     if params.greedy and params.repetition_penalty == 1.0:
-        if logits.device.type == "cpu" and logits.dtype in (torch.bfloat16, torch.float16):
-            logits = logits.float()
-        return torch.argmax(logits, dim=-1)
+        return argmax_rows(logits)
     return sample(process_logits(logits, params, seen), params, generator)
 
 

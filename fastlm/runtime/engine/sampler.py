@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence as Seq, Tuple
 
 import torch
 
+from fastlm.kernels.argmax import argmax_rows
 from fastlm.runtime.engine.sequence import Sequence
 from fastlm.runtime.sampling import process_logits, sample
 
@@ -57,6 +58,8 @@ def _groups(seqs) -> Dict[tuple, List[int]]:
 
 def _sample_group(scores: torch.Tensor, seqs: List[Sequence]) -> torch.Tensor:
     params = seqs[0].params  # the group's distribution options are the same in every row
+    if params.greedy and params.repetition_penalty == 1.0:
+        return argmax_rows(scores)  # in place: process_logits would only copy the rows to fp32
     seen = _presence(scores, seqs) if params.repetition_penalty != 1.0 else None
     processed = process_logits(scores, params, seen)
     if params.greedy or all(seq.generator is None for seq in seqs):
