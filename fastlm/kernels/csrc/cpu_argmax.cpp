@@ -32,7 +32,6 @@ inline __mmask16 tail(int64_t left) { return left >= 16 ? (__mmask16)0xffff : (_
 template <typename T>
 int64_t argmax_row(const T* p, int64_t V) {
   float top = -std::numeric_limits<float>::infinity();
-  bool nan = false;
 #if defined(__AVX512F__)
   __m512 best = _mm512_set1_ps(top);
   __mmask16 unordered = 0;
@@ -43,7 +42,7 @@ int64_t argmax_row(const T* p, int64_t V) {
     best = _mm512_mask_max_ps(best, m, best, v);  // NaN lanes keep best (max returns its second operand)
   }
   top = _mm512_reduce_max_ps(best);
-  nan = unordered != 0;
+  const bool nan = unordered != 0;
   const __m512 target = _mm512_set1_ps(top);
   for (int64_t i = 0; i < V; i += 16) {
     const __mmask16 m = tail(V - i);
@@ -60,7 +59,6 @@ int64_t argmax_row(const T* p, int64_t V) {
   for (int64_t i = 0; i < V; ++i)
     if (value(p, i) == top) return i;
 #endif
-  (void)nan;
   return 0;  // unreachable for V >= 1: the maximum is in the row
 }
 

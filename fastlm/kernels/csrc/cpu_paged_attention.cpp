@@ -322,6 +322,20 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   });
 }
 
+// The first fault of decode tables (B rows of `width` int32 entries; lengths (B,)): a length outside
+// [min_len, capacity] (row, col -1), or an entry a row uses (its first ceil(length / block_size)) outside
+// [0, num_blocks) (row, col); row -1: none. capacity <= width * block_size, so used entries are in the table.
+struct TableFault { int64_t row = -1, col = -1; };
+TableFault find_table_fault(const int32_t* tp, const int32_t* lp, int64_t B, int64_t width, int64_t num_blocks,
+                            int64_t block_size, int64_t min_len, int64_t capacity) {
+  for (int64_t b = 0; b < B; ++b) {
+    if (lp[b] < min_len || lp[b] > capacity) return {b, -1};
+    for (int64_t i = 0; i < (lp[b] + block_size - 1) / block_size; ++i)
+      if (tp[b * width + i] < 0 || tp[b * width + i] >= num_blocks) return {b, i};
+  }
+  return {};
+}
+
 // q (B, Hq, D); k_cache, v_cache (num_blocks, block_size, Hkv, D) contiguous, q's dtype (fp32 or bf16);
 // block_tables int32 (B, max_blocks); seqlens int32 (B,) -> (B, Hq, D). The public Python function
 // validates and names bad arguments; these checks keep every memory access inside the tensors.
@@ -339,13 +353,11 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   const at::Tensor qc = q.contiguous(), tables = block_tables.contiguous(), lengths = seqlens.contiguous();
   const int64_t block_size = k_cache.size(1), blocks = k_cache.size(0), width = tables.size(1);
   const int32_t *tp = tables.data_ptr<int32_t>(), *lp = lengths.data_ptr<int32_t>();
-  for (int64_t b = 0; b < q.size(0); ++b) {
-    TORCH_CHECK(lp[b] >= 1 && lp[b] <= width * block_size, "fastlm_cpu::paged_decode: seqlens[", b, "] = ", lp[b],
-                " outside [1, ", width * block_size, "]");
-    for (int64_t i = 0; i < (lp[b] + block_size - 1) / block_size; ++i)
-      TORCH_CHECK(tp[b * width + i] >= 0 && tp[b * width + i] < blocks, "fastlm_cpu::paged_decode: block_tables[",
-                  b, ", ", i, "] = ", tp[b * width + i], " outside the pool of ", blocks, " blocks");
-  }
+  const TableFault fault = find_table_fault(tp, lp, q.size(0), width, blocks, block_size, 1, width * block_size);
+  TORCH_CHECK(fault.row < 0 || fault.col >= 0, "fastlm_cpu::paged_decode: seqlens[", fault.row, "] = ",
+              fault.row < 0 ? 0 : lp[fault.row], " outside [1, ", width * block_size, "]");
+  TORCH_CHECK(fault.row < 0, "fastlm_cpu::paged_decode: block_tables[", fault.row, ", ", fault.col, "] = ",
+              fault.row < 0 ? 0 : tp[fault.row * width + fault.col], " outside the pool of ", blocks, " blocks");
   at::Tensor out = at::empty(q.sizes(), q.options());
   if (q.scalar_type() == at::kFloat) decode<float>(qc, k_cache, v_cache, tables, lengths, scale, out);
   else decode<at::BFloat16>(qc, k_cache, v_cache, tables, lengths, scale, out);
@@ -381,25 +393,19 @@ void paged_kv_write(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& 
   }
 }
 
-// True when decode tables are unsafe to read: a length outside [min_len, capacity], or an entry a row uses
-// (its first ceil(length / block_size)) outside [0, num_blocks). One pass for
-// fastlm.kernels.paged_attention.check_decode_values, in place of ~10 small aten ops (~0.1 ms per step);
-// that function then names what is wrong.
+// The C++ pass of fastlm.kernels.paged_attention.check_decode_values (in place of ~10 small aten ops, ~0.1
+// ms per step): true when the tables are unsafe to read (see find_table_fault); that function then names
+// what is wrong.
 bool decode_tables_bad(const at::Tensor& block_tables, const at::Tensor& seqlens, int64_t num_blocks,
                        int64_t block_size, int64_t min_len, int64_t capacity) {
   TORCH_CHECK(block_tables.dim() == 2 && seqlens.dim() == 1 && seqlens.size(0) == block_tables.size(0) &&
               block_tables.scalar_type() == at::kInt && seqlens.scalar_type() == at::kInt && block_size > 0 &&
               block_tables.device().is_cpu() && seqlens.device().is_cpu(),
               "fastlm_cpu::decode_tables_bad: block_tables (B, W) / seqlens (B,) int32 CPU tensors");
+  TORCH_CHECK(capacity <= block_tables.size(1) * block_size, "fastlm_cpu::decode_tables_bad: capacity past the tables");
   const at::Tensor tables = block_tables.contiguous(), lengths = seqlens.contiguous();
-  const int32_t *tp = tables.data_ptr<int32_t>(), *lp = lengths.data_ptr<int32_t>();
-  const int64_t width = tables.size(1);
-  for (int64_t b = 0; b < tables.size(0); ++b) {
-    if (lp[b] < min_len || lp[b] > capacity) return true;
-    for (int64_t i = 0; i < (lp[b] + block_size - 1) / block_size && i < width; ++i)
-      if (tp[b * width + i] < 0 || tp[b * width + i] >= num_blocks) return true;
-  }
-  return false;
+  return find_table_fault(tables.data_ptr<int32_t>(), lengths.data_ptr<int32_t>(), tables.size(0), tables.size(1),
+                          num_blocks, block_size, min_len, capacity).row >= 0;
 }
 
 }  // namespace
