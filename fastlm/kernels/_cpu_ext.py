@@ -72,6 +72,10 @@ def _register_fakes():
     def _(q, k_cache, v_cache, block_tables, seqlens, scale):
         return q.new_empty(q.shape)
 
+    @torch.library.register_fake("fastlm_cpu::argmax_rows")
+    def _(x):
+        return x.new_empty((x.shape[0],), dtype=torch.long)
+
     @torch.library.register_fake("fastlm_cpu::int8_gemv")
     def _(x, q, scale, bias):
         return x.new_empty((x.shape[0], q.shape[0]))

@@ -12,19 +12,22 @@ Padding and static buffers as in cuda_graph.DecodeGraphs: a step of B decode row
 of the next bucket (1, 2, 4, 8), so each bucket compiles once with static shapes (block tables at their
 full width). Larger steps, prefills and the "eager" choice run the model as it is, unpadded. A compile
 that fails is not fatal: a warning, the reason in compile_error, and every later step eager.
-Inputs are checked eagerly (Transformer.check_step) before the compiled step runs.
+Inputs are checked eagerly before the compiled step runs: by Transformer.check_step on run's path, and
+row by row in Python on run_decodes', the engine's path once a bucket runs compiled, which writes each
+sequence's row straight into the static buffers and gets each row's greedy pick from the graph.
 Memory: the compiled graphs hold frozen copies of the weights, and they outlive the engine (torch.compile
 keeps them; torch._dynamo.reset() did not free them): one compiled model per process is best. Several run
 correctly (each engine's step has its own code object, so its own compiled graphs and recompile limit).
 """
 import itertools
 import warnings
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch._inductor.config as inductor_config
 
 from fastlm.kernels import cpu_choice
+from fastlm.kernels.argmax import argmax_rows
 from fastlm.model.attention_metadata import AttentionMetadata
 from fastlm.runtime.cuda_graph import DecodeGraphs
 
@@ -33,8 +36,10 @@ MAX_COMPILED_BATCH = 8  # larger decode steps are bound by the GEMVs' compute: P
 # cpp_wrapper: the graph's ~100 calls per step (kernels, GEMV/attention ops) from generated C++ instead of
 # generated Python: in one process, alternating, batch-1 bf16 steps 6.44 -> 5.75 ms (GPT-2-124M) and
 # 5.32 -> 5.02 ms (Llama-150M), batch 8 8.64 -> 8.32 ms, for ~3 s more compile per bucket.
-INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                    "cpp_wrapper": True}
+# These reach Inductor through torch.compile(options=...); freezing does not (it must be set in the config
+# while a step compiles), so it is a one-key config patch around each call (3 us, the whole dict 22 us).
+COMPILE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "cpp_wrapper": True}
+INDUCTOR_OPTIONS = {"freezing": True, **COMPILE_OPTIONS}  # all of them, as one config patch
 
 
 def step_key(model, bucket: int) -> str:
@@ -48,25 +53,56 @@ def step_key(model, bucket: int) -> str:
 
 
 def _guard_options() -> dict:
-    """No Dynamo guards on the model's modules (PyTorch >= 2.8 offers the filter): checking them cost ~0.3
-    ms per step, and freezing already fixes the weights at the first call (inference only, see above)."""
-    skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
-    return {} if skip is None else {"guard_filter_fn": skip}
+    """No Dynamo guards on the model's modules nor on globals (PyTorch >= 2.8 offers the filters).
+    Module guards cost ~0.3 ms per step, and freezing fixes the weights at the first call anyway (inference
+    only, see above). Global guards (~200: the kernel modules' functions, their switches read from
+    os.environ, dtype constants) cost ~75 us per step after the step's weights have flushed the caches;
+    those globals are settled when a bucket compiles: a kernel switch (FASTLM_KERNELS) changed later applies
+    to engines built later, each of which compiles its own step."""
+    filters = [getattr(torch.compiler, name, None)
+               for name in ("skip_guard_on_all_nn_modules_unsafe", "skip_guard_on_globals_unsafe")]
+    filters = [f for f in filters if f is not None]
+    if not filters:
+        return {}
+
+    def keep(entries):
+        return [all(verdicts) for verdicts in zip(*(f(entries) for f in filters))]
+    return {"guard_filter_fn": keep}
+
+
+def _check_row(row: int, n: int, table, block_size: int, num_blocks: int, width: int) -> None:
+    """ValueError unless a decode row's block table fits the buffers, holds its new token n and names
+    blocks of the pool only (the scratch block, num_blocks, is the padding rows')."""
+    if len(table) > width:
+        raise ValueError(f"decode row {row}: a block table of {len(table)} blocks, more than the {width} of "
+                         "the model's context")
+    if n // block_size >= len(table):
+        raise ValueError(f"decode row {row}: token {n} has no block in block table {table} (block size {block_size})")
+    if min(table) < 0 or max(table) >= num_blocks:
+        raise ValueError(f"decode row {row}: block table {table} names blocks outside the pool's [0, {num_blocks})")
 
 
 class CompiledDecodeSteps(DecodeGraphs):
     """DecodeGraphs' interface (bucket_for, run) for the engine's ModelRunner, on a CPU pool (Engine
     refuses compile=True elsewhere)."""
 
-    def __init__(self, model, pool, max_batch: int, max_blocks_per_seq: int):
+    def __init__(self, model, pool, max_batch: int, max_blocks_per_seq: int, vocab_size: Optional[int] = None):
+        """vocab_size: the greedy picks' ids stay below it (the engine's; default: the model's)."""
         super().__init__(model, pool, min(max_batch, MAX_COMPILED_BATCH), max_blocks_per_seq, capture=False)
+        self._host = tuple(t.numpy() for t in (self.input_ids, self.positions, self.slots, self.seqlens,
+                                                self.block_tables))  # the static buffers, as run_decodes writes them
+        limit = model.config.vocab_size if vocab_size is None else vocab_size
+
         def step(input_ids, meta):  # the model through a closure, not an argument: freezing then folds its weights
-            return model.forward_step(input_ids, meta)
+            logits = model.forward_step(input_ids, meta)
+            # the greedy pick of every row, in the graph: ~0.1 ms less Python and op dispatch per step
+            return logits, argmax_rows(logits[:, :limit])
         # Dynamo keeps compiled code per code object and guards the closure's model on its type only (its
         # weights are frozen in, its module guards skipped): each instance gets its own code object, else a
         # second model of the same structure would run the first one's frozen weights.
         step.__code__ = step.__code__.replace(co_name=f"decode_step_{next(_INSTANCES)}")
-        self._compiled = torch.compile(step, dynamic=False, options=_guard_options())
+        self._compiled = torch.compile(step, dynamic=False, options={**COMPILE_OPTIONS, **_guard_options()})
+        self._freezing = inductor_config.patch(freezing=True)  # built once: entering it is the cheap part
         self.choices: Dict[int, str] = {}  # bucket -> "eager" | "compiled"
         self.compile_error: Optional[str] = None
 
@@ -74,16 +110,52 @@ class CompiledDecodeSteps(DecodeGraphs):
         choice = self.choices.get(self.bucket_for(meta.num_decodes)) or self._choose(input_ids, meta)
         if choice == "compiled" and self.compile_error is None:
             self.model.check_step(input_ids, meta)
-            return self._run_compiled(input_ids, meta)[:meta.num_decodes]
+            return self._run_compiled(input_ids, meta)[0][:meta.num_decodes]
         return self.model(input_ids, metadata=meta)
+
+    def run_decodes(self, seqs) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(logits (B, V), greedy picks (B,) int64: each row's argmax below vocab_size) of a step of B
+        decode rows, each sampling, once their bucket runs compiled; None for any other step (run's path).
+        Each row goes straight from its sequence into the static buffers, checked there in Python (its
+        blocks in the pool, its new token in a block), instead of step tensors built, copied and checked
+        by check_step: ~0.2 ms less Python and small ops per step, the caches cold after the step's
+        weights. The bucket's shapes and dtypes were checked by run's first step, and the step's kernels
+        still refuse a slot or table entry outside the pool."""
+        bucket = self.bucket_for(len(seqs))
+        if self.choices.get(bucket) != "compiled" or self.compile_error is not None:
+            return None
+        if any(seq.num_computed_tokens + 1 != seq.num_tokens for seq in seqs):
+            return None  # a one-token prefill chunk that does not reach its sequence's end
+        self._write_rows(seqs, bucket)
+        logits, greedy = self._call(bucket)
+        return logits[:len(seqs)], greedy[:len(seqs)]
+
+    def _write_rows(self, seqs, bucket: int) -> None:
+        """run_decodes' rows into the static buffers (through NumPy views: CPU tensors), then padding as
+        _fill's."""
+        bs, batch = self.pool.block_size, len(seqs)
+        ids, positions, slots, seqlens, tables = self._host
+        for row, seq in enumerate(seqs):
+            n, table = seq.num_computed_tokens, seq.block_table
+            _check_row(row, n, table, bs, self.pool.scratch_block, tables.shape[1])
+            ids[row], positions[row], seqlens[row] = seq.token_ids[n], n, n + 1
+            slots[row] = table[n // bs] * bs + n % bs
+            tables[row, :len(table)] = table
+        if bucket > batch:
+            scratch = self.pool.scratch_block
+            ids[batch:bucket], positions[batch:bucket], seqlens[batch:bucket] = 0, 0, 1
+            slots[batch:bucket], tables[batch:bucket] = scratch * bs, scratch
 
     def _run_compiled(self, input_ids, meta):
         bucket = self.bucket_for(meta.num_decodes)
         self._fill(input_ids, meta, meta.num_decodes, bucket)
-        # freezing folds the weights into the graph: inference only. The options as a config patch around
-        # each call (a step may recompile at any call); torch.compile(options=...) did not apply freezing.
-        with torch.no_grad(), inductor_config.patch(INDUCTOR_OPTIONS):
-            return self._compiled(self.input_ids[:bucket], self._metadata(bucket))
+        return self._call(bucket)
+
+    def _call(self, bucket: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        # freezing folds the weights into the graph: inference only. It is a config patch around each call (a
+        # step may recompile at any call); torch.compile(options=...) did not apply freezing.
+        with torch.no_grad(), self._freezing:
+            return self._compiled(self._ids[bucket], self._metadata(bucket))
 
     def _choose(self, input_ids, meta) -> str:
         """Time eager against compiled on this step (re-running a decode step rewrites the same K/V to the

@@ -42,6 +42,8 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.seqlens = torch.ones(n, dtype=torch.int32, device=device)
         self.rows = torch.arange(n, device=device)
+        self._ids = {b: self.input_ids[:b] for b in self.buckets}  # each bucket's views, built once
+        self._metas: Dict[int, AttentionMetadata] = {}
         self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: Dict[int, torch.Tensor] = {}
         self.memory_pool = None
@@ -84,7 +86,18 @@ class DecodeGraphs:
             self.block_tables[batch:bucket].fill_(scratch)
             self.seqlens[batch:bucket].fill_(1)
 
+    def run_decodes(self, seqs):
+        """A shortcut for pure-decode steps that a subclass offers (compiled_step.py: (logits, greedy picks)
+        straight from the sequences); None: take run's path, which replays the graphs here."""
+        return None
+
     def _metadata(self, bucket: int) -> AttentionMetadata:
+        """The bucket's metadata: views of the static buffers, the same objects at every step."""
+        if bucket not in self._metas:
+            self._metas[bucket] = self._new_metadata(bucket)
+        return self._metas[bucket]
+
+    def _new_metadata(self, bucket: int) -> AttentionMetadata:
         empty = self.seqlens[:0]
         return AttentionMetadata(
             positions=self.positions[:bucket], slot_mapping=self.slots[:bucket], k_pool=self.pool.k,

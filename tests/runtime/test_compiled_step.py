@@ -40,6 +40,18 @@ def compiled_engine(llm, packed=False, **options):
     return Engine(model, llm.eos_token_ids, llm.tokenizer, compile=True, **options)
 
 
+def count_shortcuts(steps: CompiledDecodeSteps) -> list:
+    """A list that gets True for each step run_decodes took, False for each it left to run's path."""
+    taken, run_decodes = [], steps.run_decodes
+
+    def counting(seqs):
+        out = run_decodes(seqs)
+        taken.append(out is not None)
+        return out
+    steps.run_decodes = counting
+    return taken
+
+
 @pytest.mark.parametrize("name,packed,prompts", [("gpt2", True, PROMPTS[:3]), ("llama_gqa", False, PROMPTS[4:5])])
 def test_compiled_steps_give_the_oracle_tokens(name, packed, prompts, cpu_llms, reference_kernels, monkeypatch):
     monkeypatch.setenv(cpu_choice.ENV_FORCE, "compiled")
@@ -47,13 +59,94 @@ def test_compiled_steps_give_the_oracle_tokens(name, packed, prompts, cpu_llms, 
     engine = compiled_engine(llm, packed, max_num_seqs=4)
     steps = engine.runner.graphs
     assert isinstance(steps, CompiledDecodeSteps)
+    taken = count_shortcuts(steps)
     assert generate(engine, prompts) == reference_greedy(llm, prompts)
     bucket = steps.bucket_for(len(prompts))  # 3 rows run padded in bucket 4; one row in bucket 1
     assert steps.compile_error is None and steps.choices[bucket] == "compiled"
+    # each bucket's first step chose (run's path); the later ones wrote their rows straight in
+    assert taken.count(False) == len(steps.choices) and taken.count(True) >= 20
     if packed:
         assert any(isinstance(m, PackedLinear) for m in engine.model.modules())
         assert engine.pool.k[:, engine.pool.scratch_block].abs().sum() > 0  # the padding row wrote only there
     assert_all_free(engine)
+
+
+def run_requests(engine, prompts, params) -> list:
+    """Each prompt's generated ids (params: one SamplingParams per prompt), run to the end."""
+    rids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    out = {rid: [] for rid in rids}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out[o.request_id].extend(o.token_ids)
+    return [out[r] for r in rids]
+
+
+def test_compiled_greedy_picks_stay_below_the_engines_vocab_size(cpu_llms, reference_kernels, monkeypatch):
+    # the compiled step takes each row's argmax in its graph, over the ids below Engine(vocab_size=...)
+    from fastlm.runtime.sampling import SamplingParams
+
+    monkeypatch.setenv(cpu_choice.ENV_FORCE, "compiled")
+    llm, prompts = cpu_llms["llama_gqa"], PROMPTS[4:5]
+    params = [SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)]
+    eager = dict(eos_token_ids=llm.eos_token_ids, tokenizer=llm.tokenizer, max_num_seqs=4)
+    limit = max(run_requests(Engine(llm.model, **eager), prompts, params)[0])  # the top pick is now out
+    compiled = compiled_engine(llm, max_num_seqs=4, vocab_size=limit)
+    taken = count_shortcuts(compiled.runner.graphs)
+    tokens = run_requests(compiled, prompts, params)
+    assert tokens == run_requests(Engine(llm.model, vocab_size=limit, **eager), prompts, params)
+    assert len(tokens[0]) == 16 and max(tokens[0]) < limit and any(taken)
+
+
+def test_compiled_steps_sample_mixed_rows_as_eager_ones(cpu_llms, reference_kernels, monkeypatch):
+    # a greedy row beside a seeded sampling one: the step's greedy picks are not used for that step
+    from fastlm.runtime.sampling import SamplingParams
+
+    monkeypatch.setenv(cpu_choice.ENV_FORCE, "compiled")
+    llm = cpu_llms["gpt2"]
+    params = [SamplingParams(max_new_tokens=12, temperature=0),
+              SamplingParams(max_new_tokens=12, temperature=0.8, top_k=20, seed=3)]
+    compiled = compiled_engine(llm, max_num_seqs=4)
+    taken = count_shortcuts(compiled.runner.graphs)
+    eager = Engine(llm.model, llm.eos_token_ids, llm.tokenizer, max_num_seqs=4)
+    assert run_requests(compiled, PROMPTS[:2], params) == run_requests(eager, PROMPTS[:2], params)
+    assert any(taken)
+
+
+@pytest.mark.parametrize("kernels", ["reference_kernels", "cpp_kernels"])
+def test_a_block_table_out_of_the_pool_fails_the_shortcut_step(kernels, cpu_llms, monkeypatch, request, tmp_path):
+    # run_decodes checks its rows in Python instead of check_step: a table entry outside the pool is refused
+    request.getfixturevalue(kernels)
+    monkeypatch.setenv(cpu_choice.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.setenv(cpu_choice.ENV_FORCE, "compiled")
+    from fastlm.runtime.sampling import SamplingParams
+
+    llm = cpu_llms["llama_gqa"]
+    engine = compiled_engine(llm, max_num_seqs=2)
+    taken = count_shortcuts(engine.runner.graphs)
+    rid = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=30, temperature=0))
+    while not any(taken):
+        engine.step()
+    seq = engine.requests[rid].seqs[0]
+    good = seq.block_table[0]
+    seq.block_table[0] = engine.pool.k.shape[1] + 7
+    with pytest.raises(ValueError, match=r"decode row 0: block table \[.*\] names blocks outside the pool's \[0, "):
+        engine.step()
+    seq.block_table[0] = good
+    engine.abort(rid)
+    assert_all_free(engine)
+
+
+def test_each_decode_row_is_checked_before_it_reaches_the_buffers():
+    from fastlm.runtime.compiled_step import _check_row
+
+    _check_row(0, 20, [3, 4], 16, 10, 4)  # token 20 in the second block; blocks 0..9 belong to sequences
+    with pytest.raises(ValueError, match="decode row 1: a block table of 5 blocks, more than the 4"):
+        _check_row(1, 20, [1, 2, 3, 4, 5], 16, 10, 4)
+    with pytest.raises(ValueError, match=r"decode row 0: token 32 has no block in block table \[3, 4\]"):
+        _check_row(0, 32, [3, 4], 16, 10, 4)
+    for table in ([10], [-1], [2, 11]):  # 10: the padding rows' scratch block
+        with pytest.raises(ValueError, match=r"names blocks outside the pool's \[0, 10\)"):
+            _check_row(0, 3, table, 16, 10, 4)
 
 
 def test_two_compiled_models_of_one_structure_run_their_own_weights(cpu_llms, reference_kernels, monkeypatch):

@@ -36,6 +36,22 @@ def test_min_new_tokens_masks_eos_and_stop_ids_until_reached():
     assert sample_rows(logits[:1], [ignoring], (7,))[0] == [7]  # ignore_eos: eos is an ordinary token
 
 
+def test_greedy_picks_given_by_the_step_are_taken_only_by_plainly_greedy_rows():
+    # a compiled CPU step hands sample_rows each row's argmax; rows that adjust their logits recompute
+    logits = torch.zeros(2, 10)
+    logits[:, 3], logits[:, 4] = 5.0, 3.5
+    picks = torch.tensor([3, 3])
+    plain = [fake_seq([1], [3], temperature=0), fake_seq([1], [], temperature=0, logprobs=2)]
+    tokens, logprobs = sample_rows(logits, plain, (), greedy=picks)
+    assert tokens == [3, 3] and logprobs[0] is None and logprobs[1].token_id == 3
+    penalised = fake_seq([1], [3, 3], temperature=0, frequency_penalty=1.0)
+    assert sample_rows(logits, [plain[0], penalised], (), greedy=picks)[0] == [3, 4]
+    waiting = fake_seq([1], [], temperature=0, min_new_tokens=1)  # eos (3) masked until one token is out
+    assert sample_rows(logits, [plain[0], waiting], (3,), greedy=picks)[0] == [3, 4]
+    repeated = fake_seq([3], [], temperature=0, repetition_penalty=2.0)
+    assert sample_rows(logits, [plain[0], repeated], (), greedy=picks)[0] == [3, 4]
+
+
 def test_logprobs_are_the_models_log_softmax(llms, make_engine, reference_kernels):
     llm = llms["llama_gqa"]
     engine = make_engine(llm)

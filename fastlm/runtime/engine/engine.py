@@ -100,7 +100,7 @@ class Engine:
             if cuda_graphs and self.pool.k.is_cuda:
                 graphs = DecodeGraphs(model, self.pool, max_num_seqs, max_blocks)
             elif compile:
-                graphs = CompiledDecodeSteps(model, self.pool, max_num_seqs, max_blocks)
+                graphs = CompiledDecodeSteps(model, self.pool, max_num_seqs, max_blocks, self.vocab_size)
             self.runner = ModelRunner(model, self.pool, graphs)
         self.requests: Dict[int, _Request] = {}
         self._ids, self._arrivals = itertools.count(), itertools.count()
@@ -168,16 +168,17 @@ class Engine:
             return []
         self.runner.copy_blocks(self._pending_copies)
         self._pending_copies = []
-        logits, sampled = self.runner.run(scheduled)
+        logits, sampled, greedy = self.runner.run(scheduled)
         for seq, span in scheduled.spans:
             seq.num_computed_tokens += span
             self.blocks.register_full_blocks(seq, seq.num_computed_tokens - span)
         rows, seqs = self._with_forks(sampled)
         if len(rows) != len(sampled):
             logits = logits[rows]
+            greedy = None if greedy is None else greedy[rows]
         if self.vocab_size is not None:
             logits = logits[:, :self.vocab_size]
-        tokens, logprobs = sample_rows(logits, seqs, self.eos_token_ids)
+        tokens, logprobs = sample_rows(logits, seqs, self.eos_token_ids, greedy)
         return [self._append(seq, token, lp) for seq, token, lp in zip(seqs, tokens, logprobs)]
 
     def _with_forks(self, sampled: List[Sequence]):

@@ -23,12 +23,17 @@ class ModelRunner:
     def __init__(self, model, pool: KVPool, graphs: Optional[DecodeGraphs] = None):
         self.model, self.pool, self.graphs = model, pool, graphs
 
-    def run(self, step: ScheduledStep) -> Tuple[torch.Tensor, List[Sequence]]:
-        """-> (logits (R, V), the R sequences they belong to, in that order)."""
+    def run(self, step: ScheduledStep) -> Tuple[torch.Tensor, List[Sequence], Optional[torch.Tensor]]:
+        """-> (logits (R, V), the R sequences they belong to in that order, each row's greedy pick (R,)
+        int64 when the step computed them (a compiled CPU decode step; below the engine's vocab_size) or None)."""
+        if self.graphs is not None and not step.prefills:
+            shortcut = self.graphs.run_decodes(step.decodes)
+            if shortcut is not None:
+                return shortcut[0], step.decodes, shortcut[1]
         input_ids, meta, sampled = self.prepare(step)
         if self._graphable(step, sampled):
-            return self.graphs.run(input_ids, meta), sampled
-        return self.model(input_ids, metadata=meta), sampled
+            return self.graphs.run(input_ids, meta), sampled, None
+        return self.model(input_ids, metadata=meta), sampled, None
 
     def copy_blocks(self, pairs) -> None:
         """K/V of block src copied into block dst, for each (src, dst) (forks of n > 1 requests)."""
@@ -90,12 +95,12 @@ class TensorParallelRunner(ModelRunner):
         super().__init__(model, pool, None)
         self.group = group
 
-    def run(self, step: ScheduledStep) -> Tuple[torch.Tensor, List[Sequence]]:
+    def run(self, step: ScheduledStep) -> Tuple[torch.Tensor, List[Sequence], Optional[torch.Tensor]]:
         input_ids, meta, sampled = self.prepare(step)
         with self.group.collective("a step"):
             self.group.send_step(input_ids, meta)
             logits = self.model(input_ids, metadata=meta)
-        return logits, sampled
+        return logits, sampled, None
 
     def copy_blocks(self, pairs) -> None:
         if pairs:

@@ -27,8 +27,14 @@ class TokenLogprobs:
     top: List[Tuple[int, float]]  # (token id, log-probability), most likely first
 
 
-def sample_rows(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: Seq[int]) -> Tuple[List[int], List[Optional[TokenLogprobs]]]:
-    """logits (R, V) of the rows that sample this step, in seqs' order -> (token ids, logprobs or None)."""
+def sample_rows(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: Seq[int],
+                greedy: Optional[torch.Tensor] = None) -> Tuple[List[int], List[Optional[TokenLogprobs]]]:
+    """logits (R, V) of the rows that sample this step, in seqs' order -> (token ids, logprobs or None).
+    greedy: torch.argmax(logits, -1) when the step computed it (a compiled CPU step): a step whose rows
+    are all plainly greedy (no penalties, no min_new_tokens left) takes it as it is."""
+    if greedy is not None and all(_plainly_greedy(seq) for seq in seqs):
+        tokens = greedy.tolist()
+        return tokens, _logprobs(logits, seqs, tokens)
     scores = _adjusted(logits, seqs, eos_ids)
     groups = list(_groups(seqs).values())
     if len(groups) == 1:  # the common case: no (R, V) row copies
@@ -83,6 +89,11 @@ def _adjusted(logits, seqs, eos_ids) -> torch.Tensor:
             banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
             scores[r, banned] = float("-inf")
     return scores
+
+
+def _plainly_greedy(seq: Sequence) -> bool:
+    """The row's token is its logits' argmax (what _sample_group's greedy fast path takes)."""
+    return seq.params.greedy and seq.params.repetition_penalty == 1.0 and not _needs_adjusting(seq)
 
 
 def _needs_adjusting(seq: Sequence) -> bool:
