@@ -128,6 +128,8 @@ class CompiledDecodeSteps(DecodeGraphs):
             return None  # a one-token prefill chunk that does not reach its sequence's end
         self._write_rows(seqs, bucket)
         logits, greedy = self._call(bucket)
+        if bucket == len(seqs):
+            return logits, greedy  # no padding rows: two slicing ops fewer
         return logits[:len(seqs)], greedy[:len(seqs)]
 
     def _write_rows(self, seqs, bucket: int) -> None:
