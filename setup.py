@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fastlm", "fastlm.*"]),
     include_package_data=True,
-    package_data={"fastlm": ["default_model/*", "kernels/csrc/*.cpp"]},
+    package_data={"fastlm": ["default_model/*", "kernels/csrc/*.cpp", "kernels/csrc/*.h"]},
     install_requires=[
         # Ranges, so GPU users keep the torch/triton they have.
         "torch>=2.4,<3",

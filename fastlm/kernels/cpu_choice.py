@@ -78,7 +78,7 @@ def native_sources_digest() -> str:
     """A digest of the C++ kernels' sources: a choice timed against an older build of them is not taken
     (a faster GEMV can win where it lost before)."""
     digest = hashlib.sha256()
-    for path in sorted(NATIVE_SOURCES.glob("*.cpp")):
+    for path in sorted([*NATIVE_SOURCES.glob("*.cpp"), *NATIVE_SOURCES.glob("*.h")]):  # headers: shared helpers
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 

@@ -32,7 +32,9 @@ def _exact(x, w, b):
 @pytest.mark.parametrize("lead,K,N", [((1,), 768, 2304), ((3,), 77, 33), ((2, 4), 100, 19), ((9,), 31, 17),
                                       ((1,), 1, 5), ((8,), 513, 64), ((17,), 40, 3), ((5,), 16, 1),
                                       # every pass width 2-8, K past the 32-wide vectors
-                                      ((2,), 100, 37), ((4,), 64, 21), ((6,), 33, 10), ((7,), 96, 50)])
+                                      ((2,), 100, 37), ((4,), 64, 21), ((6,), 33, 10), ((7,), 96, 50),
+                                      # bf16 at 5-8 rows: 3 weight rows per pass up to K = 1024, not past it
+                                      ((8,), 1024, 29), ((5,), 1025, 7)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_fp64(dtype, lead, K, N, bias):
     x, w, b = _inputs(lead, K, N, dtype, bias)
@@ -124,7 +126,16 @@ def test_the_library_builds_where_a_compiler_is():
 
 
 def test_sources_ship_with_the_package():
+    import fnmatch
+    import re
+    from pathlib import Path
+
     assert {p.name for p in _cpu_ext.SOURCES} >= {"cpu_gemv.cpp", "cpu_paged_attention.cpp", "cpu_quant_gemv.cpp"}
+    setup = (Path(__file__).parents[2] / "setup.py").read_text()
+    patterns = [p.removeprefix("kernels/csrc/") for p in re.findall(r'"(kernels/csrc/[^"]+)"', setup)]
+    csrc = Path(_cpu_ext.SOURCES[0]).parent
+    unshipped = [f.name for f in csrc.iterdir() if not any(fnmatch.fnmatch(f.name, p) for p in patterns)]
+    assert patterns and unshipped == []  # setup.py's package_data ships every file the build reads
 
 
 # ---------------------------------------------------------------------------------------------------

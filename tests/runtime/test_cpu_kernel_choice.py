@@ -106,6 +106,24 @@ def test_cache_key_changes_with_torch_version_cpu_flags_candidates_and_cpp_sourc
     assert cpu_choice.machine_key() != cpu_choice.machine_key(here)
 
 
+def test_cpp_sources_digest_covers_the_shared_header(tmp_path, monkeypatch):
+    # the kernels include csrc/simd.h: an edit there must rebuild them and re-time the choices too
+    import shutil
+
+    for path in cpu_choice.NATIVE_SOURCES.iterdir():
+        shutil.copy(path, tmp_path / path.name)
+    assert (tmp_path / "simd.h").exists()
+    monkeypatch.setattr(cpu_choice, "NATIVE_SOURCES", tmp_path)
+    cpu_choice.native_sources_digest.cache_clear()
+    try:
+        before = cpu_choice.native_sources_digest()
+        cpu_choice.native_sources_digest.cache_clear()
+        (tmp_path / "simd.h").write_text((tmp_path / "simd.h").read_text() + "\n// edited\n")
+        assert cpu_choice.native_sources_digest() != before
+    finally:
+        cpu_choice.native_sources_digest.cache_clear()
+
+
 def test_default_cache_lives_in_fastlm_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv(cpu_choice.ENV_CACHE_DIR, str(tmp_path))
     cache = cpu_choice.default_cache()

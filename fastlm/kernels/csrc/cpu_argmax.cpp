@@ -12,31 +12,25 @@
 #include <cmath>
 #include <limits>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace {
 
 inline float value(const float* p, int64_t i) { return p[i]; }
 inline float value(const at::BFloat16* p, int64_t i) { return static_cast<float>(p[i]); }
 
-#if defined(__AVX512F__)
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const at::BFloat16* p, __mmask16 m) {  // bf16 -> fp32: the bits shifted up
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-inline __mmask16 tail(int64_t left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
+#ifdef FASTLM_AVX512
+using fastlm_simd::load16;
 #endif
 
 template <typename T>
 int64_t argmax_row(const T* p, int64_t V) {
   float top = -std::numeric_limits<float>::infinity();
-#if defined(__AVX512F__)
+#ifdef FASTLM_AVX512
   __m512 best = _mm512_set1_ps(top);
   __mmask16 unordered = 0;
   for (int64_t i = 0; i < V; i += 16) {
-    const __mmask16 m = tail(V - i);
+    const __mmask16 m = fastlm_simd::tail_mask(V - i);
     const __m512 v = load16(p + i, m);
     unordered |= _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q);
     best = _mm512_mask_max_ps(best, m, best, v);  // NaN lanes keep best (max returns its second operand)
@@ -45,7 +39,7 @@ int64_t argmax_row(const T* p, int64_t V) {
   const bool nan = unordered != 0;
   const __m512 target = _mm512_set1_ps(top);
   for (int64_t i = 0; i < V; i += 16) {
-    const __mmask16 m = tail(V - i);
+    const __mmask16 m = fastlm_simd::tail_mask(V - i);
     const __m512 v = load16(p + i, m);
     const __mmask16 hit = nan ? _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q) : _mm512_mask_cmp_ps_mask(m, v, target, _CMP_EQ_OQ);
     if (hit) return i + __builtin_ctz(static_cast<unsigned>(hit));

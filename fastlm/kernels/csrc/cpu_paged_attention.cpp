@@ -18,20 +18,12 @@
 #include <limits>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define FASTLM_AVX512 1
-#include <immintrin.h>
-
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const at::BFloat16* p, __mmask16 m) {  // bf16 -> fp32: the bits shifted up
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-#endif
-
 #ifdef FASTLM_AVX512
-inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
+using namespace fastlm_simd;  // load16, tail_mask, reduce16
 
 // exp(x) for x <= 0 (softmax numerators), 16 at a time: x = n ln2 + r, |r| <= ln2/2, Cephes' expf
 // polynomial for e^r (relative error ~1e-7), times 2^n by scalef. glibc's expf is not vectorized here
@@ -74,24 +66,6 @@ inline float softmax_numerators(float* s, int64_t n) {
   return sum;
 #endif
 }
-
-#ifdef FASTLM_AVX512
-// Lane i of the result holds the sum of v[i]'s 16 lanes: a transposing tree (15 adds, 30 shuffles) in place
-// of 16 horizontal sums (64 adds, 64 shuffles); 16 tokens' scores come out as one vector.
-inline __m512 reduce16(const __m512* v) {
-  __m512 a[8], b[4], c[2];
-  for (int i = 0; i < 8; ++i)  // per 128-bit lane: partial sums of v[2i], v[2i+1], v[2i], v[2i+1]
-    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: partial sums of v[4i] .. v[4i+3]
-    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
-    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  for (int i = 0; i < 2; ++i)  // 128-bit lanes: b[2i] (0+1), b[2i] (2+3), b[2i+1] (0+1), b[2i+1] (2+3)
-    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
-}
-#endif
 
 constexpr int64_t kChunk = 16;  // tokens per step: 16 scores reduced together, a V sum updated once
 
