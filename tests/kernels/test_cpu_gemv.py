@@ -32,9 +32,7 @@ def _exact(x, w, b):
 @pytest.mark.parametrize("lead,K,N", [((1,), 768, 2304), ((3,), 77, 33), ((2, 4), 100, 19), ((9,), 31, 17),
                                       ((1,), 1, 5), ((8,), 513, 64), ((17,), 40, 3), ((5,), 16, 1),
                                       # every pass width 2-8, K past the 32-wide vectors
-                                      ((2,), 100, 37), ((4,), 64, 21), ((6,), 33, 10), ((7,), 96, 50),
-                                      # bf16 at 5-8 rows: 3 weight rows per pass up to K = 1024, not past it
-                                      ((8,), 1024, 29), ((5,), 1025, 7)])
+                                      ((2,), 100, 37), ((4,), 64, 21), ((6,), 33, 10), ((7,), 96, 50)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_fp64(dtype, lead, K, N, bias):
     x, w, b = _inputs(lead, K, N, dtype, bias)

@@ -4,8 +4,7 @@
 // (torch 2.13) aten's F.linear read them at ~0.25 and oneDNN's prepacked kernels at ~0.5-0.75 of the
 // memory's read bandwidth, bf16 worst. What reaches it here: one weight row at a time (one sequential
 // stream per thread), every x row (<= 8) against the row it has loaded, software prefetch 4 KB ahead
-// (without it, bf16 read 30 GB/s of 43), bf16 products through AVX512-BF16's vdpbf16ps; at 5-8 bf16 x
-// rows, where those instructions are the bound, three weight rows per pass (gemv_pass_tiled).
+// (without it, bf16 read 30 GB/s of 43), bf16 products through AVX512-BF16's vdpbf16ps.
 // Built at first use by fastlm/kernels/gemv.py with -march=native; machines without AVX-512 take the
 // portable loops (the timed choice in fastlm.runtime.cpu_linear decides whether it is used at all).
 #include <ATen/ATen.h>
@@ -14,8 +13,6 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-
-#include "simd.h"
 
 namespace {
 
@@ -67,73 +64,8 @@ void dot_bf16(const at::BFloat16* x, int64_t K, const at::BFloat16* w, float* su
 #endif
 }
 
-#if defined(FASTLM_AVX512) && defined(__AVX512BF16__)
-// bf16 at 5-8 x rows (batched decode): there the vdpbf16ps, not the memory, are the bound (a 64-byte line of
-// weights feeds M of them; on the development AMD EPYC ~80 G multiply-adds/s per core), and dot_bf16's M
-// horizontal sums per weight row cost about a third as much again at K = 768. So kTileRows weight rows
-// per pass: kTileRows * M sums in registers, each x vector loaded once for them, the sums reduced 16 at a
-// time by reduce16. Compiled bf16 steps at 8 rows, alternating processes: GPT-2-124M 9.6-9.9 -> 9.2-9.9
-// ms (median of three 9.67 -> 9.27), Llama-150M 7.28-7.36 -> 6.96-7.15 ms. Slower at 2-4 rows and at
-// K > 1024 (more concurrent weight streams than the prefetchers keep up with): dot_bf16 there.
-constexpr int kTileRows = 3;
-
-template <int M>
-inline void tile_step(const at::BFloat16* x, int64_t K, const at::BFloat16* w, int64_t k, __mmask32 mask,
-                      __m512* acc) {
-  __m512bh wv[kTileRows];
-  for (int t = 0; t < kTileRows; ++t) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + t * K + k) + kPrefetchBytes, _MM_HINT_T0);
-    wv[t] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + t * K + k);
-  }
-  for (int m = 0; m < M; ++m) {
-    const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k);
-    for (int t = 0; t < kTileRows; ++t) acc[t * M + m] = _mm512_dpbf16_ps(acc[t * M + m], xv, wv[t]);
-  }
-}
-
-// sums[t * M + m] = x_m . w_t for the kTileRows weight rows at w.
-template <int M>
-void dot_tile_bf16(const at::BFloat16* x, int64_t K, const at::BFloat16* w, float* sums) {
-  constexpr int kSums = kTileRows * M;
-  __m512 acc[kSums];
-  for (int i = 0; i < kSums; ++i) acc[i] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) tile_step<M>(x, K, w, k, (__mmask32)0xffffffffu, acc);
-  if (k < K) tile_step<M>(x, K, w, k, (__mmask32)((1u << (K - k)) - 1), acc);
-  for (int g = 0; g < kSums; g += 16) {
-    __m512 group[16];
-    for (int i = 0; i < 16; ++i) group[i] = g + i < kSums ? acc[g + i] : _mm512_setzero_ps();
-    alignas(64) float reduced[16];
-    _mm512_store_ps(reduced, fastlm_simd::reduce16(group));
-    for (int i = 0; i < 16 && g + i < kSums; ++i) sums[g + i] = reduced[i];
-  }
-}
-
-template <int M>
-void gemv_pass_tiled(const at::BFloat16* x, int64_t K, const at::BFloat16* w, const at::BFloat16* bias,
-                     at::BFloat16* y, int64_t N) {
-  at::parallel_for(0, (N + kTileRows - 1) / kTileRows, 8, [&](int64_t begin, int64_t end) {
-    float sums[kTileRows * M];
-    for (int64_t n0 = begin * kTileRows; n0 < std::min(N, end * kTileRows); n0 += kTileRows) {
-      const int rows = static_cast<int>(std::min<int64_t>(kTileRows, N - n0));
-      if (rows == kTileRows) dot_tile_bf16<M>(x, K, w + n0 * K, sums);
-      else for (int t = 0; t < rows; ++t) dot_bf16<M>(x, K, w + (n0 + t) * K, sums + t * M);  // N's last rows
-      for (int t = 0; t < rows; ++t) {
-        const float b = bias ? static_cast<float>(bias[n0 + t]) : 0.f;
-        for (int m = 0; m < M; ++m) y[m * N + n0 + t] = static_cast<at::BFloat16>(sums[t * M + m] + b);
-      }
-    }
-  });
-}
-#endif
-
 template <typename T, int M>
 void gemv_pass(const T* x, int64_t K, const T* w, const T* bias, T* y, int64_t N) {
-#if defined(FASTLM_AVX512) && defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<T, at::BFloat16> && M >= 5) {
-    if (K <= 1024) return gemv_pass_tiled<M>(x, K, w, bias, y, N);
-  }
-#endif
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     float sums[M];
     for (int64_t n = begin; n < end; ++n) {
