@@ -133,8 +133,8 @@ class CompiledDecodeSteps(DecodeGraphs):
         return logits[:len(seqs)], greedy[:len(seqs)]
 
     def _write_rows(self, seqs, bucket: int) -> None:
-        """run_decodes' rows into the static buffers (through NumPy views: CPU tensors), then padding as
-        _fill's."""
+        """run_decodes' rows into the static buffers (through NumPy views: CPU tensors), then the padding
+        rows (_pad_rows)."""
         bs, batch = self.pool.block_size, len(seqs)
         ids, positions, slots, seqlens, tables = self._host
         for row, seq in enumerate(seqs):
@@ -143,10 +143,7 @@ class CompiledDecodeSteps(DecodeGraphs):
             ids[row], positions[row], seqlens[row] = seq.token_ids[n], n, n + 1
             slots[row] = table[n // bs] * bs + n % bs
             tables[row, :len(table)] = table
-        if bucket > batch:
-            scratch = self.pool.scratch_block
-            ids[batch:bucket], positions[batch:bucket], seqlens[batch:bucket] = 0, 0, 1
-            slots[batch:bucket], tables[batch:bucket] = scratch * bs, scratch
+        self._pad_rows(batch, bucket)
 
     def _run_compiled(self, input_ids, meta):
         bucket = self.bucket_for(meta.num_decodes)

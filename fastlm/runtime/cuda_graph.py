@@ -66,20 +66,24 @@ class DecodeGraphs:
         if self.capture and bucket not in self.graphs:
             self._try_capture(bucket)
         if not self.capture:
-            return self.model(self.input_ids[:bucket], metadata=self._metadata(bucket))[:batch]
+            return self.model(self._ids[bucket], metadata=self._metadata(bucket))[:batch]
         self.graphs[bucket].replay()
         return self.outputs[bucket][:batch]
 
     def _fill(self, input_ids, meta, batch, bucket) -> None:
         """Real rows from the step, padding rows pointing at the scratch block (one key each)."""
-        scratch = self.pool.scratch_block
         width = meta.decode_block_tables.shape[1]
         self.input_ids[:batch].copy_(input_ids)
         self.positions[:batch].copy_(meta.positions)
         self.slots[:batch].copy_(meta.slot_mapping)
         self.block_tables[:batch, :width].copy_(meta.decode_block_tables)
         self.seqlens[:batch].copy_(meta.decode_seqlens)
+        self._pad_rows(batch, bucket)
+
+    def _pad_rows(self, batch: int, bucket: int) -> None:
+        """Rows [batch, bucket): token 0 at position 0, one key, in the pool's scratch block."""
         if bucket > batch:
+            scratch = self.pool.scratch_block
             self.input_ids[batch:bucket].zero_()
             self.positions[batch:bucket].zero_()
             self.slots[batch:bucket].fill_(scratch * self.pool.block_size)

@@ -69,6 +69,17 @@ inline float softmax_numerators(float* s, int64_t n) {
 
 constexpr int64_t kChunk = 16;  // tokens per step: 16 scores reduced together, a V sum updated once
 
+// dst[0..width) = src[0..width) as fp32: a token's K (or V) values of the heads a task handles, widened once
+// for all the query heads that read them.
+template <typename T>
+inline void widen_row(const T* src, float* dst, int64_t width) {
+#ifdef FASTLM_AVX512
+  for (int64_t d = 0; d < width; d += 16) _mm512_mask_storeu_ps(dst + d, tail_mask(width - d), load16(src + d, tail_mask(width - d)));
+#else
+  for (int64_t d = 0; d < width; ++d) dst[d] = static_cast<float>(src[d]);
+#endif
+}
+
 #ifdef FASTLM_AVX512
 // dst[j] = q . k_j for n <= 16 tokens (k_j: D fp32 values at kt + j * ld); kFull: n == 16, so the 16 sums
 // are registers (a constant trip count), not stack slots.
@@ -151,16 +162,7 @@ void attend_in_chunks(const T* q, const T* k_cache, const T* v_cache, const int3
     for (int64_t j = 0; j < block_size && t < length; ++j, ++t)
       offset[t] = ((static_cast<int64_t>(table[i]) * block_size + j) * Hkv + h0) * D;
   auto widen_chunk = [&](const T* cache, int64_t t0, int64_t n) {
-    for (int64_t j = 0; j < n; ++j) {
-      const T* src = cache + offset[t0 + j];
-      float* dst = wide.data() + j * width;
-#ifdef FASTLM_AVX512
-      for (int64_t d = 0; d < width; d += 16)
-        _mm512_mask_storeu_ps(dst + d, tail_mask(width - d), load16(src + d, tail_mask(width - d)));
-#else
-      for (int64_t d = 0; d < width; ++d) dst[d] = static_cast<float>(src[d]);
-#endif
-    }
+    for (int64_t j = 0; j < n; ++j) widen_row(cache + offset[t0 + j], wide.data() + j * width, width);
   };
   // The pools are cold in decode (a step streams the weights between two layers' attention): each chunk's
   // lines are requested one chunk ahead (2 or 4 measured the same). 8 rows of 1000 tokens with cold caches:
@@ -205,17 +207,10 @@ void attend_token_by_token(const T* q, const T* k_cache, const T* v_cache, const
     return cache + (static_cast<int64_t>(table[i]) * block_size * Hkv + h0) * D;
   };
   const int64_t width = (h1 - h0) * D;  // a token's K (or V) values of the heads handled here
-  auto widen = [&](const T* src, float* dst) {  // to fp32 once per token, not once per query head
-#ifdef FASTLM_AVX512
-    for (int64_t d = 0; d < width; d += 16) _mm512_mask_storeu_ps(dst + d, tail_mask(width - d), load16(src + d, tail_mask(width - d)));
-#else
-    for (int64_t d = 0; d < width; ++d) dst[d] = static_cast<float>(src[d]);
-#endif
-  };
   for (int64_t i = 0, t = 0; i < blocks; ++i) {  // scores
     const T* k = token_base(k_cache, i);
     for (int64_t j = 0; j < block_size && t < length; ++j, ++t, k += token_stride) {
-      widen(k, tmp.data());
+      widen_row(k, tmp.data(), width);
       for (int64_t r = 0; r < rows; ++r) {
         const float* kh = tmp.data() + (r / G) * D;
         const float* qr = qf.data() + r * D;
@@ -240,7 +235,7 @@ void attend_token_by_token(const T* q, const T* k_cache, const T* v_cache, const
   for (int64_t i = 0, t = 0; i < blocks; ++i) {  // V-weighted sums
     const T* v = token_base(v_cache, i);
     for (int64_t j = 0; j < block_size && t < length; ++j, ++t, v += token_stride) {
-      widen(v, tmp.data());
+      widen_row(v, tmp.data(), width);
       for (int64_t r = 0; r < rows; ++r) {
         const float* vh = tmp.data() + (r / G) * D;
         const float p = scores[r * length + t];

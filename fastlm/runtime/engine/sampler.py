@@ -64,7 +64,7 @@ def _groups(seqs) -> Dict[tuple, List[int]]:
 
 def _sample_group(scores: torch.Tensor, seqs: List[Sequence]) -> torch.Tensor:
     params = seqs[0].params  # the group's distribution options are the same in every row
-    if params.greedy and params.repetition_penalty == 1.0:
+    if _argmax_picks(params):
         return argmax_rows(scores)  # in place: process_logits would only copy the rows to fp32
     seen = _presence(scores, seqs) if params.repetition_penalty != 1.0 else None
     processed = process_logits(scores, params, seen)
@@ -91,9 +91,14 @@ def _adjusted(logits, seqs, eos_ids) -> torch.Tensor:
     return scores
 
 
+def _argmax_picks(params) -> bool:
+    """Options whose token is the argmax of the (adjusted) logits, nothing to process."""
+    return params.greedy and params.repetition_penalty == 1.0
+
+
 def _plainly_greedy(seq: Sequence) -> bool:
-    """The row's token is its logits' argmax (what _sample_group's greedy fast path takes)."""
-    return seq.params.greedy and seq.params.repetition_penalty == 1.0 and not _needs_adjusting(seq)
+    """The row's token is its raw logits' argmax: _argmax_picks and nothing for _adjusted to do."""
+    return _argmax_picks(seq.params) and not _needs_adjusting(seq)
 
 
 def _needs_adjusting(seq: Sequence) -> bool:
