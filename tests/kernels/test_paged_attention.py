@@ -128,7 +128,11 @@ PREFILL_CASES = [
 
 ONE_QUERY_CASES = [case for case in DECODE_CASES if case[0] == 1] + [(1, 12, 12, 64, [80]), (1, 5, 1, 17, [3, 1, 50]),
                                                                     # GQA rows around the 16-token chunks
-                                                                    (1, 6, 2, 32, [16, 1, 31, 32, 33, 5, 48, 2, 17])]
+                                                                    (1, 6, 2, 32, [16, 1, 31, 32, 33, 5, 48, 2, 17]),
+                                                                    # head sizes built as constants (64, 128)
+                                                                    # or not, K/V read in place (G == 1)
+                                                                    (1, 4, 4, 128, [16, 1, 33]), (1, 8, 2, 128, [20, 47]),
+                                                                    (1, 3, 3, 40, [17, 2, 48, 31])]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

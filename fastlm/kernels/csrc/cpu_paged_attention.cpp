@@ -4,8 +4,8 @@
 // calls per row and layer (gather or view, casts, torch's flash kernel); on the development AMD EPYC a
 // batch-1 GPT-2 step spent ~1.5 ms of ~8.5 in them, mostly call and thread start-up overhead. Here one
 // parallel loop over tasks of (row, group of KV heads) reads the row's tokens in order (a token's heads are
-// adjacent in the pool; widened to fp32 once), each K/V head once for the G query heads that share it:
-// scores for all tokens, an exact softmax (a vectorized exp), then the V-weighted sums. Measured
+// adjacent in the pool; widened to fp32 once where G query heads share them), each K/V head once: scores
+// for all tokens, an exact softmax (a vectorized exp), then the V-weighted sums. Measured
 // against that path (2 threads, bf16 pool, 12/4 heads of 64): 1 row 0.04 vs 0.08 ms, 8 rows 0.18 vs 0.57 ms,
 // 64 rows of 100-700 tokens 1.5 vs 5.1 ms, 64 rows sharing 256 tokens 1.25 vs 3.5 ms (the PyTorch cascade).
 // Used for Sq == 1 on CPU where it builds (fastlm/kernels/_cpu_ext.py); the public function validates.
@@ -80,50 +80,63 @@ inline void widen_row(const T* src, float* dst, int64_t width) {
 #endif
 }
 
+// A chunk's tokens as attend_in_chunks reads them: token j's first KV head at base + at[j], its other heads
+// after it (D values each). S: float (the widened copy) or the pool's type (read in place).
+template <typename S>
+struct ChunkRows {
+  const S* base;
+  const int64_t* at;
+};
+
 #ifdef FASTLM_AVX512
-// dst[j] = q . k_j for n <= 16 tokens (k_j: D fp32 values at kt + j * ld); kFull: n == 16, so the 16 sums
-// are registers (a constant trip count), not stack slots.
-template <bool kFull>
-inline void scores16(const float* q, int64_t D, const float* kt, int64_t ld, int64_t n, float* dst) {
+// dst[j] = q . k_j for n <= 16 tokens (k_j: D values at k.base + k.at[j] + h_off); kFull: n == 16, so the
+// 16 sums are registers (a constant trip count), not stack slots.
+template <bool kFull, typename S>
+inline void scores16(const float* q, int64_t D, ChunkRows<S> k, int64_t h_off, int64_t n, float* dst) {
   __m512 sums[kChunk];
   for (int64_t j = 0; j < kChunk; ++j) sums[j] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; d += 16) {
     const __mmask16 m = tail_mask(D - d);
     const __m512 qv = _mm512_maskz_loadu_ps(m, q + d);
     for (int64_t j = 0; j < (kFull ? kChunk : n); ++j)
-      sums[j] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, kt + j * ld + d), sums[j]);
+      sums[j] = _mm512_fmadd_ps(qv, load16(k.base + k.at[j] + h_off + d, m), sums[j]);
   }
   _mm512_mask_storeu_ps(dst, tail_mask(n), reduce16(sums));
 }
 #endif
 
 // For each of `rows` query heads r (q_r: D values in qf; KV head r / G): scores[r, t0 + j] = q_r . k_j over
-// the chunk's n tokens. wide: the chunk's tokens, width fp32 values each (their KV heads adjacent).
-inline void chunk_scores(const float* qf, int64_t rows, int64_t G, int64_t D, const float* wide, int64_t width,
-                         int64_t n, float* scores, int64_t length, int64_t t0) {
+// the chunk's n tokens.
+template <typename S>
+inline void chunk_scores(const float* qf, int64_t rows, int64_t G, int64_t D, ChunkRows<S> k, int64_t n,
+                         float* scores, int64_t length, int64_t t0) {
   for (int64_t r = 0; r < rows; ++r) {
-    const float *qr = qf + r * D, *kt = wide + (r / G) * D;
+    const float* qr = qf + r * D;
+    const int64_t h_off = (r / G) * D;
     float* dst = scores + r * length + t0;
 #ifdef FASTLM_AVX512
-    if (n == kChunk) scores16<true>(qr, D, kt, width, n, dst);
-    else scores16<false>(qr, D, kt, width, n, dst);
+    if (n == kChunk) scores16<true>(qr, D, k, h_off, n, dst);
+    else scores16<false>(qr, D, k, h_off, n, dst);
 #else
     for (int64_t j = 0; j < n; ++j) {
+      const S* kt = k.base + k.at[j] + h_off;
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t d = 0; d < D; ++d) sum += qr[d] * kt[j * width + d];
+      for (int64_t d = 0; d < D; ++d) sum += qr[d] * static_cast<float>(kt[d]);
       dst[j] = sum;
     }
 #endif
   }
 }
 
-// acc_r += sum_j p[r, t0 + j] * v_j over the chunk's n tokens (wide as in chunk_scores): acc_r is read and
+// acc_r += sum_j p[r, t0 + j] * v_j over the chunk's n tokens (v as k in chunk_scores): acc_r is read and
 // written once per chunk, not once per token.
+template <typename S>
 inline void chunk_values(const float* scores, int64_t length, int64_t t0, int64_t rows, int64_t G, int64_t D,
-                         const float* wide, int64_t width, int64_t n, float* acc) {
+                         ChunkRows<S> v, int64_t n, float* acc) {
   for (int64_t r = 0; r < rows; ++r) {
-    const float *p = scores + r * length + t0, *vt = wide + (r / G) * D;
+    const float* p = scores + r * length + t0;
+    const int64_t h_off = (r / G) * D;
     float* a = acc + r * D;
 #ifdef FASTLM_AVX512
     for (int64_t d = 0; d < D; d += 16) {
@@ -131,36 +144,48 @@ inline void chunk_values(const float* scores, int64_t length, int64_t t0, int64_
       __m512 even = _mm512_maskz_loadu_ps(m, a + d), odd = _mm512_setzero_ps();  // two chains: FMA latency
       int64_t j = 0;
       for (; j + 2 <= n; j += 2) {
-        even = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_maskz_loadu_ps(m, vt + j * width + d), even);
-        odd = _mm512_fmadd_ps(_mm512_set1_ps(p[j + 1]), _mm512_maskz_loadu_ps(m, vt + (j + 1) * width + d), odd);
+        even = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load16(v.base + v.at[j] + h_off + d, m), even);
+        odd = _mm512_fmadd_ps(_mm512_set1_ps(p[j + 1]), load16(v.base + v.at[j + 1] + h_off + d, m), odd);
       }
-      if (j < n) even = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_maskz_loadu_ps(m, vt + j * width + d), even);
+      if (j < n) even = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load16(v.base + v.at[j] + h_off + d, m), even);
       _mm512_mask_storeu_ps(a + d, m, _mm512_add_ps(even, odd));
     }
 #else
     for (int64_t j = 0; j < n; ++j) {
+      const S* vt = v.base + v.at[j] + h_off;
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) a[d] += p[j] * vt[j * width + d];
+      for (int64_t d = 0; d < D; ++d) a[d] += p[j] * static_cast<float>(vt[d]);
     }
 #endif
   }
 }
 
-// attend_heads for G > 1 (GQA): 16 tokens at a time, widened to fp32 once for the G query heads that share
-// each KV head, 16 scores per query head summed together by reduce16, and each V sum updated once per chunk.
-// Measured against attend_token_by_token (2 threads, 12/4 heads of 64, bf16): 8 rows of 1000 tokens 0.40
-// -> 0.27 ms, 64 rows of 300 tokens 1.0 -> 0.66 ms.
-template <typename T>
+// One row, KV heads [h0, h1): the G query heads of each (q rows h*G .. h*G+G-1, each (D,)) attend over the
+// row's first `length` tokens, read through its block table in order (a token's heads are adjacent in the
+// pool): scores of every token, an exact softmax, then the V-weighted sums; out like q. 16 tokens at a time:
+// 16 scores per query head summed together by reduce16, each V sum updated once per chunk.
+//   - G > 1 (GQA): each chunk's KV heads are widened to fp32 once for the G query heads that share them
+//     (against a token-by-token pass, 2 threads, 12/4 heads of 64, bf16: 8 rows of 1000 tokens 0.40 -> 0.27
+//     ms, 64 rows of 300 tokens 1.0 -> 0.66 ms).
+//   - G == 1 (GPT-2): each value is used once, so it is read in place, not widened.
+// kD: the head size as a constant (0: D at run time). With D known, the loops over it lose their masks and
+// trip counts: GPT-2's shapes (8 rows of 160 tokens, 12 heads of 64, bf16, 2 threads, the pools out of
+// cache) ran 0.42 -> 0.18 ms, 2x faster at 1 to 64 rows and in fp32 too (G == 1; the same for GQA).
+template <typename T, int64_t kD>
 void attend_in_chunks(const T* q, const T* k_cache, const T* v_cache, const int32_t* table, int64_t length,
-                      int64_t block_size, int64_t Hkv, int64_t h0, int64_t h1, int64_t G, int64_t D, float scale,
+                      int64_t block_size, int64_t Hkv, int64_t h0, int64_t h1, int64_t G, int64_t D_, float scale,
                       T* out) {
+  const int64_t D = kD ? kD : D_;
   const int64_t rows = (h1 - h0) * G, width = (h1 - h0) * D;  // query heads here: row r = (h - h0) * G + g
-  std::vector<float> qf(rows * D), scores(rows * length), acc(rows * D, 0.f), wide(kChunk * width), total(rows);
+  const bool in_place = G == 1;
+  std::vector<float> qf(rows * D), scores(rows * length), acc(rows * D, 0.f), total(rows);
+  std::vector<float> wide(in_place ? 0 : kChunk * width);
   for (int64_t i = 0; i < rows * D; ++i) qf[i] = static_cast<float>(q[h0 * G * D + i]) * scale;
-  std::vector<int64_t> offset(length);  // token t's head h0 in the pools
+  std::vector<int64_t> offset(length), wide_at(kChunk);  // token t's head h0 in the pools; in `wide`
   for (int64_t i = 0, t = 0; t < length; ++i)
     for (int64_t j = 0; j < block_size && t < length; ++j, ++t)
       offset[t] = ((static_cast<int64_t>(table[i]) * block_size + j) * Hkv + h0) * D;
+  for (int64_t j = 0; j < kChunk; ++j) wide_at[j] = j * width;
   auto widen_chunk = [&](const T* cache, int64_t t0, int64_t n) {
     for (int64_t j = 0; j < n; ++j) widen_row(cache + offset[t0 + j], wide.data() + j * width, width);
   };
@@ -172,100 +197,39 @@ void attend_in_chunks(const T* q, const T* k_cache, const T* v_cache, const int3
       for (int64_t b = 0; b < width * static_cast<int64_t>(sizeof(T)); b += 64)
         __builtin_prefetch(reinterpret_cast<const char*>(cache + offset[t]) + b);
   };
+  // The chunk at t0 of `cache`, widened first unless read in place.
+  auto tokens = [&](const T* cache, int64_t t0, int64_t n, auto&& use) {
+    if (in_place) return use(ChunkRows<T>{cache, offset.data() + t0});
+    widen_chunk(cache, t0, n);
+    use(ChunkRows<float>{wide.data(), wide_at.data()});
+  };
   prefetch_chunk(k_cache, 0);
   for (int64_t t0 = 0; t0 < length; t0 += kChunk) {
     const int64_t n = std::min(kChunk, length - t0);
     prefetch_chunk(k_cache, t0 + kChunk);
-    widen_chunk(k_cache, t0, n);
-    chunk_scores(qf.data(), rows, G, D, wide.data(), width, n, scores.data(), length, t0);
+    tokens(k_cache, t0, n, [&](auto k) { chunk_scores(qf.data(), rows, G, D, k, n, scores.data(), length, t0); });
   }
   prefetch_chunk(v_cache, 0);
   for (int64_t r = 0; r < rows; ++r) total[r] = softmax_numerators(scores.data() + r * length, length);
   for (int64_t t0 = 0; t0 < length; t0 += kChunk) {
     const int64_t n = std::min(kChunk, length - t0);
     prefetch_chunk(v_cache, t0 + kChunk);
-    widen_chunk(v_cache, t0, n);
-    chunk_values(scores.data(), length, t0, rows, G, D, wide.data(), width, n, acc.data());
+    tokens(v_cache, t0, n, [&](auto v) { chunk_values(scores.data(), length, t0, rows, G, D, v, n, acc.data()); });
   }
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t d = 0; d < D; ++d)
       out[h0 * G * D + r * D + d] = static_cast<T>(total[r] > 0.f ? acc[r * D + d] / total[r] : 0.f);
 }
 
-// attend_heads for G == 1 (GPT-2): each value is used once, so the pass is bound by reading the pool. Token
-// after token, its heads (adjacent in the pool) widened into a buffer that stays in L1. (attend_in_chunks
-// measured up to 2.5x slower here: 16 widened tokens of 12 heads of 64 fill L1, and splitting the heads
-// into smaller groups reads the pool with strides.)
-template <typename T>
-void attend_token_by_token(const T* q, const T* k_cache, const T* v_cache, const int32_t* table, int64_t length,
-                  int64_t block_size, int64_t Hkv, int64_t h0, int64_t h1, int64_t G, int64_t D, float scale, T* out) {
-  const int64_t rows = (h1 - h0) * G;  // query heads handled here, row r = (h - h0) * G + g
-  std::vector<float> qf(rows * D), scores(rows * length), acc(rows * D, 0.f), tmp((h1 - h0) * D);
-  for (int64_t i = 0; i < rows * D; ++i) qf[i] = static_cast<float>(q[h0 * G * D + i]) * scale;
-  const int64_t token_stride = Hkv * D, blocks = (length + block_size - 1) / block_size;
-  auto token_base = [&](const T* cache, int64_t i) {  // block i's first token, head h0
-    return cache + (static_cast<int64_t>(table[i]) * block_size * Hkv + h0) * D;
-  };
-  const int64_t width = (h1 - h0) * D;  // a token's K (or V) values of the heads handled here
-  for (int64_t i = 0, t = 0; i < blocks; ++i) {  // scores
-    const T* k = token_base(k_cache, i);
-    for (int64_t j = 0; j < block_size && t < length; ++j, ++t, k += token_stride) {
-      widen_row(k, tmp.data(), width);
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* kh = tmp.data() + (r / G) * D;
-        const float* qr = qf.data() + r * D;
-#ifdef FASTLM_AVX512
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; d += 16) {
-          const __mmask16 m = tail_mask(D - d);
-          sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qr + d), _mm512_maskz_loadu_ps(m, kh + d), sum);
-        }
-        scores[r * length + t] = _mm512_reduce_add_ps(sum);
-#else
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t d = 0; d < D; ++d) sum += qr[d] * kh[d];
-        scores[r * length + t] = sum;
-#endif
-      }
-    }
-  }
-  std::vector<float> total(rows);
-  for (int64_t r = 0; r < rows; ++r) total[r] = softmax_numerators(scores.data() + r * length, length);
-  for (int64_t i = 0, t = 0; i < blocks; ++i) {  // V-weighted sums
-    const T* v = token_base(v_cache, i);
-    for (int64_t j = 0; j < block_size && t < length; ++j, ++t, v += token_stride) {
-      widen_row(v, tmp.data(), width);
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* vh = tmp.data() + (r / G) * D;
-        const float p = scores[r * length + t];
-        float* a = acc.data() + r * D;
-#ifdef FASTLM_AVX512
-        const __m512 pv = _mm512_set1_ps(p);
-        for (int64_t d = 0; d < D; d += 16) {
-          const __mmask16 m = tail_mask(D - d);
-          _mm512_mask_storeu_ps(a + d, m, _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(m, vh + d), _mm512_maskz_loadu_ps(m, a + d)));
-        }
-#else
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) a[d] += p * vh[d];
-#endif
-      }
-    }
-  }
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t d = 0; d < D; ++d)
-      out[h0 * G * D + r * D + d] = static_cast<T>(total[r] > 0.f ? acc[r * D + d] / total[r] : 0.f);
-}
-
-// One row, KV heads [h0, h1): the G query heads of each (q rows h*G .. h*G+G-1, each (D,)) attend over the
-// row's first `length` tokens, read through its block table in order (a token's heads are adjacent in the
-// pool): scores of every token, an exact softmax, then the V-weighted sums; out like q.
+// attend_in_chunks with the common head sizes as constants.
 template <typename T>
 void attend_heads(const T* q, const T* k_cache, const T* v_cache, const int32_t* table, int64_t length,
                   int64_t block_size, int64_t Hkv, int64_t h0, int64_t h1, int64_t G, int64_t D, float scale, T* out) {
-  if (G == 1) attend_token_by_token<T>(q, k_cache, v_cache, table, length, block_size, Hkv, h0, h1, G, D, scale, out);
-  else attend_in_chunks<T>(q, k_cache, v_cache, table, length, block_size, Hkv, h0, h1, G, D, scale, out);
+  switch (D) {
+    case 64: return attend_in_chunks<T, 64>(q, k_cache, v_cache, table, length, block_size, Hkv, h0, h1, G, D, scale, out);
+    case 128: return attend_in_chunks<T, 128>(q, k_cache, v_cache, table, length, block_size, Hkv, h0, h1, G, D, scale, out);
+    default: return attend_in_chunks<T, 0>(q, k_cache, v_cache, table, length, block_size, Hkv, h0, h1, G, D, scale, out);
+  }
 }
 
 template <typename T>
