@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import base_parser, check_device, describe_device, measure_copy_bandwidth, plot, write_csv  # noqa: E402
-from fastlm.runtime.bench import fastlm_speed, hf_speed, read_bandwidth_gbs, weight_bytes_per_step  # noqa: E402
+from fastlm.runtime.bench import (alternate_speeds, engine_run, fastlm_engine, hf_run, read_bandwidth_gbs,  # noqa: E402
+                                  weight_bytes_per_step)
 
 FULL = {
     "gpt2-124M": ("gpt2", dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257)),
@@ -64,8 +65,11 @@ def bench_checkpoint(name, folder, device, dtypes, batch_sizes, prompt_len, new_
         theirs = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
         weight_gb = weight_bytes_per_step(ours) / 1e9
         for batch in batch_sizes:
-            a = fastlm_speed(ours, batch, prompt_len, new_tokens, repeats)
-            b = hf_speed(theirs, batch, prompt_len, new_tokens, repeats)
+            engine = fastlm_engine(ours, batch, prompt_len, new_tokens)
+            runs = {"fastlm": engine_run(engine, batch, prompt_len, new_tokens),
+                    "hf": hf_run(theirs, batch, prompt_len, new_tokens)}
+            speeds = alternate_speeds(runs, batch, prompt_len, new_tokens, repeats)  # in turns: same machine state
+            a, b = speeds["fastlm"], speeds["hf"]
             gbs = a["decode_tok_s"] / batch * weight_gb
             rows.append(dict(model=name, dtype=dtype, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
                              fastlm_prefill_tok_s=round(a["prefill_tok_s"], 1),

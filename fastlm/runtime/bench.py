@@ -9,12 +9,15 @@ ignores eos (every row runs the full length), so both engines do the same work.
   token (it includes generate's setup, which is part of what a user waits for), decode = the N steps
   after it.
 engine_speed times a given engine the same way (`fastlm bench` times its LLM's, tensor-parallel or not).
+Compared side by side (alternate_speeds), each is warmed up once and then they take turns, repeat by
+repeat, so a shared machine's swings in speed fall on both alike rather than on whichever ran second.
 Weight bytes per step: every parameter a decode step reads (linear layers, norms, the lm_head), not
 the input embedding table (it reads B rows of it) nor learned positions; quantized layers count their
 integer weights and scales.
 """
 import statistics
 import time
+from typing import Callable, Dict, Tuple
 
 import torch
 
@@ -76,16 +79,51 @@ def bench_engine(model, batch_size: int, length: int, **options) -> Engine:
     return Engine(model, block_size=block, **options)
 
 
+Run = Callable[[], Tuple[float, float]]  # one timed generation: (prefill seconds, decode seconds)
+
+
 def fastlm_speed(model, batch_size: int, prompt_len: int, new_tokens: int, repeats: int = 3) -> dict:
     """{'prefill_tok_s', 'decode_tok_s'} of fastlm's engine (median of `repeats`, after a warmup)."""
-    engine = bench_engine(model, batch_size, prompt_len + new_tokens + 1,
-                          max_num_batched_tokens=batch_size * prompt_len)
-    return engine_speed(engine, batch_size, prompt_len, new_tokens, repeats)
+    return engine_speed(fastlm_engine(model, batch_size, prompt_len, new_tokens), batch_size, prompt_len,
+                        new_tokens, repeats)
+
+
+def fastlm_engine(model, batch_size: int, prompt_len: int, new_tokens: int) -> Engine:
+    """The engine fastlm_speed times: room for batch_size rows, every prompt prefilled in one step."""
+    return bench_engine(model, batch_size, prompt_len + new_tokens + 1, max_num_batched_tokens=batch_size * prompt_len)
 
 
 def engine_speed(engine: Engine, batch_size: int, prompt_len: int, new_tokens: int, repeats: int = 3) -> dict:
     """fastlm_speed on a given engine, which must run batch_size sequences at once, prefill their prompts
     in one step and have prefix caching off (as bench_engine's); e.g. a tensor-parallel LLM's engine."""
+    run = engine_run(engine, batch_size, prompt_len, new_tokens)
+    return alternate_speeds({"engine": run}, batch_size, prompt_len, new_tokens, repeats)["engine"]
+
+
+def hf_speed(hf_model, batch_size: int, prompt_len: int, new_tokens: int, repeats: int = 3) -> dict:
+    """The same figures for a transformers model through generate() (see hf_run)."""
+    run = hf_run(hf_model, batch_size, prompt_len, new_tokens)
+    return alternate_speeds({"hf": run}, batch_size, prompt_len, new_tokens, repeats)["hf"]
+
+
+def alternate_speeds(runs: Dict[str, Run], batch_size: int, prompt_len: int, new_tokens: int,
+                     repeats: int = 3) -> Dict[str, dict]:
+    """{name: {'prefill_tok_s', 'decode_tok_s'}} of each run: each warmed up once, then `repeats` rounds in
+    which every run goes once, in turn; medians over the rounds."""
+    for run in runs.values():
+        run()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name].append(run())
+    return {name: {"prefill_tok_s": batch_size * prompt_len / statistics.median(t[0] for t in ts),
+                   "decode_tok_s": batch_size * new_tokens / statistics.median(t[1] for t in ts)}
+            for name, ts in times.items()}
+
+
+def engine_run(engine: Engine, batch_size: int, prompt_len: int, new_tokens: int) -> Run:
+    """A Run on `engine` (see engine_speed) of batch_size random prompts: prefill = its first step, which
+    prefills every prompt and samples their first tokens; decode = the steps after it."""
     prompts = torch.randint(0, engine.model.config.vocab_size, (batch_size, prompt_len)).tolist()
     params = SamplingParams(max_new_tokens=new_tokens + 1, temperature=0, ignore_eos=True)
 
@@ -99,10 +137,7 @@ def engine_speed(engine: Engine, batch_size: int, prompt_len: int, new_tokens: i
             engine.step()
         return t1 - t0, time.perf_counter() - t1
 
-    run()  # warmup
-    times = [run() for _ in range(repeats)]
-    prefill_s, decode_s = (statistics.median(t[i] for t in times) for i in (0, 1))
-    return {"prefill_tok_s": batch_size * prompt_len / prefill_s, "decode_tok_s": batch_size * new_tokens / decode_s}
+    return run
 
 
 class _TokenClock:
@@ -118,26 +153,24 @@ class _TokenClock:
         pass
 
 
-@torch.no_grad()
-def hf_speed(hf_model, batch_size: int, prompt_len: int, new_tokens: int, repeats: int = 3) -> dict:
-    """The same figures for a transformers model through generate() (greedy, eos ignored): one call
-    per repeat, with a streamer timing each step: prefill = until the first new token, decode = the rest."""
+def hf_run(hf_model, batch_size: int, prompt_len: int, new_tokens: int) -> Run:
+    """A Run of transformers' generate() (greedy, eos ignored) on batch_size random prompts, with a streamer
+    timing each step: prefill = until the first new token, decode = the rest."""
     device = hf_model.device
     ids = torch.randint(0, hf_model.config.vocab_size, (batch_size, prompt_len), device=device)
     hf_model.generation_config.eos_token_id = None
     hf_model.generation_config.pad_token_id = 0
-    prefill_s, decode_s = [], []
-    for i in range(repeats + 1):  # the first call warms up
+
+    @torch.no_grad()
+    def run():
         clock = _TokenClock()
         _sync(device)
         start = time.perf_counter()
         hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens + 1, do_sample=False,
                           eos_token_id=None, pad_token_id=0, streamer=clock)
-        if i:
-            prefill_s.append(clock.times[1] - start)
-            decode_s.append(clock.times[-1] - clock.times[1])
-    return {"prefill_tok_s": batch_size * prompt_len / statistics.median(prefill_s),
-            "decode_tok_s": batch_size * new_tokens / statistics.median(decode_s)}
+        return clock.times[1] - start, clock.times[-1] - clock.times[1]
+
+    return run
 
 
 def read_bandwidth_gbs(device, nbytes: int = 512 << 20, repeats: int = 5) -> float:

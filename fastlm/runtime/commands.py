@@ -149,11 +149,15 @@ def _bench(args, llm, threads) -> None:
     header = f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'weights GB/s':>13}"
     print(header + (f" {'HF prefill':>11} {'HF decode':>10} {'decode x HF':>11}" if hf_model else ""))
     for batch in args.batch_size:
-        ours = bench.engine_speed(llm.engine, batch, args.prompt_len, args.new_tokens, args.repeats)
+        runs = {"fastlm": bench.engine_run(llm.engine, batch, args.prompt_len, args.new_tokens)}
+        if hf_model is not None:  # in turns with fastlm's, repeat by repeat
+            runs["hf"] = bench.hf_run(hf_model, batch, args.prompt_len, args.new_tokens)
+        speeds = bench.alternate_speeds(runs, batch, args.prompt_len, args.new_tokens, args.repeats)
+        ours = speeds["fastlm"]
         line = (f"{batch:>5} {ours['prefill_tok_s']:>14.1f} {ours['decode_tok_s']:>13.1f} "
                 f"{ours['decode_tok_s'] / batch * weight_gb:>13.2f}")
         if hf_model is not None:
-            theirs = bench.hf_speed(hf_model, batch, args.prompt_len, args.new_tokens, args.repeats)
+            theirs = speeds["hf"]
             line += (f" {theirs['prefill_tok_s']:>11.1f} {theirs['decode_tok_s']:>10.1f} "
                      f"{ours['decode_tok_s'] / theirs['decode_tok_s']:>11.2f}")
         print(line, flush=True)
