@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from fastlm.kernels.quant import QuantEmbedding
+from fastlm.model import hugepages
 from fastlm.model.checkpoint_files import open_checkpoint
 from fastlm.model.config import ModelConfig
 from fastlm.model.quantize import (QuantConfig, parse_quantize, prepare_quantized, quantize_model, quantized_entries,
@@ -59,10 +60,10 @@ def load_pretrained(cls, path, dtype=None, device=None, quantize=None):
         params = dict(model.named_parameters(remove_duplicate=False))
         targets = dict(params, **dict(model.named_buffers()))
         state = {}
-        for entry in entries:  # each parameter allocated once, its HF parts copied into row blocks
-            # parameters take the requested dtype; quantized buffers (int weights, fp32 scales) keep theirs
-            tensor = torch.empty(targets[entry.ours].shape, device=device,
-                                 dtype=dtype if entry.ours in params else targets[entry.ours].dtype)
+        # each parameter allocated once (on CPU in huge pages, see hugepages.py), its HF parts copied into
+        # row blocks; parameters take the requested dtype, quantized buffers (int weights, fp32 scales) theirs
+        specs = [(targets[e.ours].shape, dtype if e.ours in params else targets[e.ours].dtype) for e in entries]
+        for entry, tensor in zip(entries, hugepages.empty_tensors(specs, device)):
             for hf_name, rows in zip(entry.hf, tensor.split(list(entry.sizes), dim=0)):
                 ckpt.copy_into(names[hf_name], rows, transpose=entry.transpose)
             state[entry.ours] = tensor
@@ -101,6 +102,7 @@ def _load_quantizing(cls, folder, dtype, device, quantize):
         p.data = p.data.to(target)
     if isinstance(model.tok_emb, QuantEmbedding):
         model.tok_emb.dtype = target
+    hugepages.pack_module(model)  # the quantized tensors are new allocations
     return model
 
 

@@ -14,6 +14,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from fastlm.model import hugepages
+
 CPU_MAX_BYTES = 4 << 30
 
 
@@ -59,8 +61,8 @@ class KVPool:
         self.num_blocks = pool_blocks(model, block_size, kv_cache_memory, max_num_seqs, gpu_memory_utilization)
         cfg = model.config
         shape = (cfg.n_layer, self.num_blocks + 1, block_size, cfg.n_kv_head, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=model.dtype, device=model.device)
-        self.v = torch.zeros(shape, dtype=model.dtype, device=model.device)
+        self.k = hugepages.zeros(shape, model.dtype, model.device)  # on CPU in huge pages: fewer TLB misses
+        self.v = hugepages.zeros(shape, model.dtype, model.device)
 
     @property
     def scratch_block(self) -> int:

@@ -1,0 +1,90 @@
+"""CPU tensors in transparent huge pages (2 MB) on Linux: the weights as loaded, and the KV pool.
+
+Why: a decode step reads every weight once and its rows' K/V blocks, all out of cache; with 4 KB pages
+each 4 KB costs a TLB miss (a page walk, dearer still in a VM). Measured on the development AMD EPYC VM
+(2 threads, compiled batch-1 steps, the same checkpoint loaded twice in one process, alternating turns):
+GPT-2-124M bf16 7.41 -> 7.01 ms per step, fp32 12.47 -> 12.22; Llama-150M bf16 5.29 -> 5.00, fp32
+10.24 -> 9.67; fastlm's GEMV over 113 MB of bf16 weights 4.2 -> 3.8 ms.
+
+How: one private anonymous mapping per allocation, advised MADV_HUGEPAGE before anything touches it (the
+kernel backs it with huge pages as it is first written, unless /sys/kernel/mm/transparent_hugepage/enabled
+is "never"), its start 2 MB aligned, viewed as a uint8 tensor out of which the tensors are cut at 64-byte
+offsets (the loader's parameters, all at once; pack_module moves a model's tensors there afterwards). torch.frombuffer keeps the mapping alive as long as any of them lives. A fresh mapping reads as
+zeros, and its pages cost memory only once written. Elsewhere (not Linux, not CPU, FASTLM_HUGEPAGES=0,
+under 2 MB in all): torch.empty / torch.zeros.
+"""
+import mmap
+import os
+from typing import List, Sequence, Tuple
+
+import torch
+
+ENV = "FASTLM_HUGEPAGES"  # "0": plain allocations
+HUGE_PAGE = 2 << 20
+ALIGN = 64  # each tensor's start: a cache line (and every SIMD load's alignment)
+
+
+def enabled(device) -> bool:
+    """Whether allocations on `device` go to huge-page mappings."""
+    return (torch.device(device).type == "cpu" and hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS")
+            and os.environ.get(ENV, "1").strip() != "0")
+
+
+def empty_tensors(specs: Sequence[Tuple[Sequence[int], torch.dtype]], device) -> List[torch.Tensor]:
+    """One uninitialized tensor per (shape, dtype), as torch.empty on `device`; on CPU (see enabled) cut
+    out of one huge-page mapping."""
+    sizes = [_nbytes(shape, dtype) for shape, dtype in specs]
+    if not enabled(device) or sum(sizes) < HUGE_PAGE:
+        return [torch.empty(tuple(shape), dtype=dtype, device=device) for shape, dtype in specs]
+    arena = _arena(sum(_aligned(n) for n in sizes))
+    tensors, offset = [], 0
+    for (shape, dtype), n in zip(specs, sizes):
+        tensors.append(arena[offset:offset + n].view(dtype).view(tuple(shape)))
+        offset += _aligned(n)
+    return tensors
+
+
+def zeros(shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
+    """torch.zeros(shape, dtype=dtype, device=device), in huge pages on CPU (a fresh mapping is zeros)."""
+    if not enabled(device) or _nbytes(shape, dtype) < HUGE_PAGE:
+        return torch.zeros(tuple(shape), dtype=dtype, device=device)
+    return _arena(_nbytes(shape, dtype))[:_nbytes(shape, dtype)].view(dtype).view(tuple(shape))
+
+
+def pack_module(module: torch.nn.Module) -> None:
+    """Copy a CPU module's parameters and buffers into one huge-page mapping, in place (through .data, so a
+    tensor shared by two modules stays shared): for models changed after loading (quantized as loaded).
+    Left as they are where some of them are views into one another, or off the CPU."""
+    unique = {}
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        unique.setdefault(id(tensor), tensor)
+    tensors = [t for t in unique.values() if t.device.type == "cpu" and t.numel() > 0]
+    if not tensors or not enabled("cpu"):
+        return
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors)
+    if any(end > next_start for (_, end), (next_start, _) in zip(spans, spans[1:])):
+        return
+    with torch.no_grad():
+        for old, new in zip(tensors, empty_tensors([(t.shape, t.dtype) for t in tensors], "cpu")):
+            new.copy_(old)
+            old.data = new
+
+
+def _arena(nbytes: int) -> torch.Tensor:
+    """nbytes of a new private anonymous mapping advised MADV_HUGEPAGE, from a 2 MB boundary, as uint8."""
+    buffer = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buffer.madvise(mmap.MADV_HUGEPAGE)
+    whole = torch.frombuffer(buffer, dtype=torch.uint8)
+    start = -whole.data_ptr() % HUGE_PAGE
+    return whole[start:start + nbytes]
+
+
+def _nbytes(shape, dtype) -> int:
+    count = 1
+    for size in shape:
+        count *= int(size)
+    return count * torch.empty((), dtype=dtype).element_size()
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
