@@ -8,10 +8,12 @@ GPT-2-124M bf16 7.41 -> 7.01 ms per step, fp32 12.47 -> 12.22; Llama-150M bf16 5
 
 How: one private anonymous mapping per allocation, advised MADV_HUGEPAGE before anything touches it (the
 kernel backs it with huge pages as it is first written, unless /sys/kernel/mm/transparent_hugepage/enabled
-is "never"), its start 2 MB aligned, viewed as a uint8 tensor out of which the tensors are cut at 64-byte
-offsets (the loader's parameters, all at once; pack_module moves a model's tensors there afterwards). torch.frombuffer keeps the mapping alive as long as any of them lives. A fresh mapping reads as
-zeros, and its pages cost memory only once written. Elsewhere (not Linux, not CPU, FASTLM_HUGEPAGES=0,
-under 2 MB in all): torch.empty / torch.zeros.
+is "never"), the tensors laid out from its first 2 MB boundary at 64-byte offsets (the loader's parameters
+all at once; pack_module moves a model's tensors there afterwards). Each tensor is a torch.frombuffer of
+its own bytes, so each has its own storage, which keeps the mapping alive: torch.compile with freezing
+(Inductor's oneDNN linears) gave wrong logits for parameters that were views into one storage. A fresh
+mapping reads as zeros, and its pages cost memory only once written. Elsewhere (not Linux, not CPU,
+FASTLM_HUGEPAGES=0, under 2 MB in all): torch.empty / torch.zeros.
 """
 import mmap
 import os
@@ -36,10 +38,10 @@ def empty_tensors(specs: Sequence[Tuple[Sequence[int], torch.dtype]], device) ->
     sizes = [_nbytes(shape, dtype) for shape, dtype in specs]
     if not enabled(device) or sum(sizes) < HUGE_PAGE:
         return [torch.empty(tuple(shape), dtype=dtype, device=device) for shape, dtype in specs]
-    arena = _arena(sum(_aligned(n) for n in sizes))
-    tensors, offset = [], 0
+    buffer, offset = _mapping(sum(_aligned(n) for n in sizes))
+    tensors = []
     for (shape, dtype), n in zip(specs, sizes):
-        tensors.append(arena[offset:offset + n].view(dtype).view(tuple(shape)))
+        tensors.append(_tensor(buffer, offset, shape, dtype))
         offset += _aligned(n)
     return tensors
 
@@ -48,7 +50,7 @@ def zeros(shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
     """torch.zeros(shape, dtype=dtype, device=device), in huge pages on CPU (a fresh mapping is zeros)."""
     if not enabled(device) or _nbytes(shape, dtype) < HUGE_PAGE:
         return torch.zeros(tuple(shape), dtype=dtype, device=device)
-    return _arena(_nbytes(shape, dtype))[:_nbytes(shape, dtype)].view(dtype).view(tuple(shape))
+    return _tensor(*_mapping(_nbytes(shape, dtype)), shape, dtype)
 
 
 def pack_module(module: torch.nn.Module) -> None:
@@ -70,13 +72,21 @@ def pack_module(module: torch.nn.Module) -> None:
             old.data = new
 
 
-def _arena(nbytes: int) -> torch.Tensor:
-    """nbytes of a new private anonymous mapping advised MADV_HUGEPAGE, from a 2 MB boundary, as uint8."""
+def _mapping(nbytes: int):
+    """(a new private anonymous mapping advised MADV_HUGEPAGE, the offset of its first 2 MB boundary), with
+    nbytes from there."""
     buffer = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     buffer.madvise(mmap.MADV_HUGEPAGE)
-    whole = torch.frombuffer(buffer, dtype=torch.uint8)
-    start = -whole.data_ptr() % HUGE_PAGE
-    return whole[start:start + nbytes]
+    start = -torch.frombuffer(buffer, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE
+    return buffer, start
+
+
+def _tensor(buffer, offset: int, shape, dtype) -> torch.Tensor:
+    """The tensor of `shape` and `dtype` at byte `offset` of buffer, with a storage of its own."""
+    count = _nbytes(shape, dtype) // torch.empty((), dtype=dtype).element_size()
+    if count == 0:
+        return torch.empty(tuple(shape), dtype=dtype)
+    return torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset).view(tuple(shape))
 
 
 def _nbytes(shape, dtype) -> int:

@@ -348,3 +348,23 @@ def test_cpp_gemv_and_decode_attention_give_the_oracle_tokens(compiled, cpu_llms
     assert {"fastlm_cpu::gemv", "fastlm_cpu::paged_decode"} <= ran
     assert set(engine.runner.graphs.choices.values()) == {"compiled" if compiled else "eager"}
     assert_all_free(engine)
+
+
+def test_compiled_steps_on_weights_in_huge_pages_give_the_oracle_tokens(own_cache, reference_kernels, tmp_path,
+                                                                        monkeypatch):
+    """Weights over 2 MB load into huge-page mappings (fastlm.model.hugepages), which Inductor's frozen
+    graphs read as they do any other tensor's (parameters that were views of one storage decoded wrong
+    tokens there)."""
+    from fastlm.model import hugepages
+    from tests.model.hf_models import build_hf_model
+
+    build_hf_model("gpt2_tied_hd16", n_inner=4096).save_pretrained(tmp_path)  # ~4 MB of fp32 weights
+    monkeypatch.setenv(cpu_choice.ENV_FORCE, "compiled")
+    llm = fastlm.LLM(str(tmp_path), dtype="float32", device="cpu")
+    if not hugepages.enabled("cpu"):
+        pytest.skip("huge-page mappings are Linux-only")
+    assert all(p.untyped_storage().data_ptr() == p.data_ptr() for p in llm.model.parameters())  # one storage each
+    engine = compiled_engine(llm, max_num_seqs=2)
+    prompts = [[5, 9, 13, 2, 7], [1, 3]]
+    assert generate(engine, prompts) == reference_greedy(llm, prompts)
+    assert engine.runner.graphs.compile_error is None
