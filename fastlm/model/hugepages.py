@@ -2,9 +2,9 @@
 
 Why: a decode step reads every weight once and its rows' K/V blocks, all out of cache; with 4 KB pages
 each 4 KB costs a TLB miss (a page walk, dearer still in a VM). Measured on the development AMD EPYC VM
-(2 threads, compiled batch-1 steps, the same checkpoint loaded twice in one process, alternating turns):
-GPT-2-124M bf16 7.41 -> 7.01 ms per step, fp32 12.47 -> 12.22; Llama-150M bf16 5.29 -> 5.00, fp32
-10.24 -> 9.67; fastlm's GEMV over 113 MB of bf16 weights 4.2 -> 3.8 ms.
+(2 threads, compiled batch-1 steps, the same checkpoint loaded twice in one process, FASTLM_HUGEPAGES=0
+for one, alternating turns): GPT-2-124M bf16 7.31 -> 6.70 ms per step, fp32 12.83 -> 10.61; Llama-150M
+bf16 5.39 -> 4.98, fp32 10.63 -> 9.92; 8-row steps unchanged (bound by multiply-adds).
 
 How: one private anonymous mapping per allocation, advised MADV_HUGEPAGE before anything touches it (the
 kernel backs it with huge pages as it is first written, unless /sys/kernel/mm/transparent_hugepage/enabled

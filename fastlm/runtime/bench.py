@@ -100,12 +100,6 @@ def engine_speed(engine: Engine, batch_size: int, prompt_len: int, new_tokens: i
     return alternate_speeds({"engine": run}, batch_size, prompt_len, new_tokens, repeats)["engine"]
 
 
-def hf_speed(hf_model, batch_size: int, prompt_len: int, new_tokens: int, repeats: int = 3) -> dict:
-    """The same figures for a transformers model through generate() (see hf_run)."""
-    run = hf_run(hf_model, batch_size, prompt_len, new_tokens)
-    return alternate_speeds({"hf": run}, batch_size, prompt_len, new_tokens, repeats)["hf"]
-
-
 def alternate_speeds(runs: Dict[str, Run], batch_size: int, prompt_len: int, new_tokens: int,
                      repeats: int = 3) -> Dict[str, dict]:
     """{name: {'prefill_tok_s', 'decode_tok_s'}} of each run: each warmed up once, then `repeats` rounds in
