@@ -148,11 +148,12 @@ def settled_choice(fmt, x, shape):
 
 def settled_cpu_path(fmt, x, weight_shape):
     """The candidate already chosen for this call in this process where a traced call (torch.compile) can
-    run it inline ("gemv": a custom op with a fake; "dequant": plain torch ops), else None: the opaque
-    fastlm::int*_linear op, whose Python dispatch costs ~14 us a call in a compiled step ("packed" keeps
-    it: its repacked-weight cache is not traceable)."""
+    run it inline ("gemv": a custom op with a fake; "dequant": plain torch ops; int8's "packed": one aten op
+    with a meta kernel, its scale cast folded by freezing), else None: the opaque fastlm::int*_linear op,
+    whose Python dispatch and casts cost ~15-20 us a call in a compiled step (int4's "packed" keeps it: its
+    repacked-weight cache is not traceable)."""
     name = settled_choice(fmt, x, shape_key(weight_shape))
-    return name if name in ("gemv", "dequant") else None
+    return name if name in ("gemv", "dequant") or (fmt, name) == ("int8", "packed") else None
 
 
 def _gemv_offered(x) -> bool:

@@ -270,3 +270,29 @@ def test_packed_int8_is_not_timed_where_it_crashed(cpp_kernels, monkeypatch, tmp
     assert "packed" not in _quant_cpu._int8_names(x)
     _close(int8_linear(x, q, scale, b), _quant_exact(x, dequantize_int8(q, scale), b), torch.float32)  # timed
     assert ("int8", torch.float32, "decode", "40x72") in _quant_cpu.choices()
+
+
+@pytest.mark.parametrize("forced,inline", [("packed", "aten._weight_int8pack_mm"), ("gemv", "fastlm_cpu.int8_gemv")])
+def test_settled_int8_paths_are_traced_inline(forced, inline, cpp_kernels, monkeypatch, tmp_path):
+    """Under torch.compile a settled int8 choice runs as its own op in the graph, not through the opaque
+    fastlm::int8_linear (a Python call per layer and step); the values are the eager call's."""
+    from fastlm.kernels import _quant_cpu, cpu_choice, quant
+
+    monkeypatch.setenv(cpu_choice.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.setenv(cpu_choice.ENV_FORCE, forced)
+    monkeypatch.setattr(_quant_cpu, "_choices", {})
+    module = quant.QuantLinear.from_linear(torch.nn.Linear(64, 40).bfloat16(), 8)
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    eager = module(x)  # settles the choice
+    graphs = []
+
+    def recorder(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(module, backend=recorder)(x)
+    targets = {str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
+    assert any(inline in t for t in targets) and not any("int8_linear" in t for t in targets), targets
+    assert torch.equal(compiled, eager)
