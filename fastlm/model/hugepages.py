@@ -15,6 +15,7 @@ its own bytes, so each has its own storage, which keeps the mapping alive: torch
 mapping reads as zeros, and its pages cost memory only once written. Elsewhere (not Linux, not CPU,
 FASTLM_HUGEPAGES=0, under 2 MB in all): torch.empty / torch.zeros.
 """
+import math
 import mmap
 import os
 from typing import List, Sequence, Tuple
@@ -83,17 +84,14 @@ def _mapping(nbytes: int):
 
 def _tensor(buffer, offset: int, shape, dtype) -> torch.Tensor:
     """The tensor of `shape` and `dtype` at byte `offset` of buffer, with a storage of its own."""
-    count = _nbytes(shape, dtype) // torch.empty((), dtype=dtype).element_size()
+    count = math.prod(shape)
     if count == 0:
         return torch.empty(tuple(shape), dtype=dtype)
     return torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset).view(tuple(shape))
 
 
 def _nbytes(shape, dtype) -> int:
-    count = 1
-    for size in shape:
-        count *= int(size)
-    return count * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
 
 
 def _aligned(nbytes: int) -> int:
